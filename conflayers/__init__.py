@@ -1,0 +1,25 @@
+"""ConfLayers: training-free self-speculative decoding by confidence-guided layer skipping."""
+
+from .drafters import DraftContext, Drafter, FixedSkip, LayerSkipDrafter, NoDrafter, Proposal, StepOutcome
+from .engine import Engine, GenerationConfig, RowResult, RowStats
+from .layers import capture_sublayers, decoder_layers, skip_layers, validate_skip_set
+from .sampling import SamplingParams
+
+__all__ = [
+    "DraftContext",
+    "Drafter",
+    "Engine",
+    "FixedSkip",
+    "GenerationConfig",
+    "LayerSkipDrafter",
+    "NoDrafter",
+    "Proposal",
+    "RowResult",
+    "RowStats",
+    "SamplingParams",
+    "StepOutcome",
+    "capture_sublayers",
+    "decoder_layers",
+    "skip_layers",
+    "validate_skip_set",
+]

@@ -1,0 +1,149 @@
+"""``python -m conflayers``: generate for prompts with (self-speculative) decoding and print stats."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+
+from .drafters import FixedSkip, LayerSkipDrafter, NoDrafter
+from .engine import Engine, GenerationConfig
+from .layers import validate_skip_set
+from .models import BUNDLED, encode_prompts, load_model
+from .sampling import SamplingParams
+
+DEMO_PROMPTS = [
+    "Summarize in two sentences why the sky looks blue.",
+    "What is 17 times 23? Show your working.",
+    "Write a haiku about autumn rain.",
+    "Give three tips for writing clear code.",
+]
+
+
+def parse_layers(text: str) -> list[int]:
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--skip-layers takes comma-separated layer indices, got {text!r}") from None
+
+
+def read_prompts_file(path: str) -> list:
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if isinstance(row, dict) and "prompt" in row:
+                prompts.append(row["prompt"])
+            elif isinstance(row, dict) and "messages" in row:
+                prompts.append(row["messages"])
+            elif isinstance(row, dict) and "turns" in row:  # Spec-Bench format: first turn
+                prompts.append(row["turns"][0])
+            else:
+                raise SystemExit(f"{path}:{n}: expected an object with a 'prompt' (or 'messages') field")
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts")
+    return prompts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m conflayers", description=__doc__)
+    p.add_argument("prompts", nargs="*", help="prompts (default: a few built-in demo prompts)")
+    p.add_argument("--prompts-file", help='JSONL file, one {"prompt": ...} per line')
+    p.add_argument("--model", default=BUNDLED, help=f"local HF dir, .gguf file, hub id, or {BUNDLED!r} (default)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dir", help="where converted GGUF models are cached")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--skip-layers", type=parse_layers, default=None, help="e.g. 3,5,7; not given = plain decoding"
+    )
+    p.add_argument("--stop-threshold", type=float, default=0.8, help="draft stops below this top-1 probability")
+    p.add_argument("--max-draft", type=int, default=8, help="most tokens drafted per step")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text and a table")
+    return p
+
+
+def stats_table(rows: list[dict]) -> str:
+    head = ["#", "new", "steps", "drafted", "accepted", "acc.rate", "tau", "prefill s", "decode s", "tok/s", "finish"]
+    lines = []
+    for i, s in enumerate(rows):
+        tps = s["new_tokens"] / s["decode_seconds"] if s["decode_seconds"] else float("nan")
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        lines.append(
+            [str(i), str(s["new_tokens"]), str(s["steps"]), str(s["drafted"]), str(s["accepted"]),
+             fmt(s["acceptance_rate"]), fmt(s["tau"]), f"{s['prefill_seconds']:.2f}", f"{s['decode_seconds']:.2f}",
+             f"{tps:.1f}", s["finish_reason"]]
+        )
+    widths = [max(len(h), *(len(r[c]) for r in lines)) for c, h in enumerate(head)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
+    out += ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in lines]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.batch_size < 1:
+        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    prompts = read_prompts_file(args.prompts_file) if args.prompts_file else (args.prompts or DEMO_PROMPTS)
+    try:
+        config = GenerationConfig(
+            max_new_tokens=args.max_new_tokens,
+            sampling=SamplingParams(args.temperature, args.top_p, args.top_k),
+            seed=args.seed,
+        )
+        model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir)
+        engine = Engine(model)
+        if args.skip_layers is None:
+            drafter = NoDrafter()
+        else:
+            skip = validate_skip_set(args.skip_layers, engine.n_layers)
+            drafter = LayerSkipDrafter(model, FixedSkip(skip), args.stop_threshold, args.max_draft)
+        ids = encode_prompts(tokenizer, prompts)
+    except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    all_stats = []
+    t0 = time.perf_counter()
+    for start in range(0, len(ids), args.batch_size):
+        batch = ids[start : start + args.batch_size]
+        try:
+            results = engine.generate(batch, config, drafter)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        for j, r in enumerate(results):
+            i = start + j
+            text = tokenizer.decode(r.token_ids, skip_special_tokens=True)
+            stats = r.stats.as_dict()
+            all_stats.append(stats)
+            if args.json:
+                print(json.dumps({"index": i, "prompt": prompts[i], "output": text, **stats}), flush=True)
+            else:
+                print(f"--- [{i}] {prompts[i] if isinstance(prompts[i], str) else prompts[i][-1]['content']}")
+                print(text.strip(), flush=True)
+    wall = time.perf_counter() - t0
+    if not args.json:
+        total = sum(s["new_tokens"] for s in all_stats)
+        print()
+        print(stats_table(all_stats))
+        mode = "plain decoding" if args.skip_layers is None else f"skip {sorted(set(args.skip_layers))}"
+        print(f"\n{len(all_stats)} prompts, {total} tokens in {wall:.1f} s ({total / wall:.1f} tok/s), "
+              f"batch {args.batch_size}, {mode}, {args.model} on {args.device}")
+    return 0

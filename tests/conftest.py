@@ -1,0 +1,49 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_model(family: str = "llama", layers: int = 6, vocab: int = 97, dtype=torch.float64, seed: int = 0, std=0.02):
+    """A random-init decoder built from a config (no download)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=std,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def tiny(request):
+    return tiny_model(request.param)
+
+
+RAGGED = [[5, 6, 7, 8, 9, 10, 11], [3, 4], [20, 21, 22, 23], [1]]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from conflayers.models import load_model
+
+    return load_model()

@@ -1,0 +1,46 @@
+"""``python -m conflayers`` end to end on the bundled model."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+def run_cli(*args, timeout=600):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "conflayers", *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_json_output_speculative_equals_plain(tmp_path):
+    f = tmp_path / "p.jsonl"
+    f.write_text(json.dumps({"prompt": "Name two colours."}) + "\n\n" + json.dumps({"prompt": "What is 2+2?"}) + "\n")
+    plain = run_cli("--prompts-file", str(f), "--max-new-tokens", "12", "--json")
+    spec = run_cli("--prompts-file", str(f), "--max-new-tokens", "12", "--json", "--skip-layers", "14", "--batch-size", "2")
+    assert plain.returncode == 0, plain.stderr
+    assert spec.returncode == 0, spec.stderr
+    p_rows = [json.loads(line) for line in plain.stdout.splitlines()]
+    s_rows = [json.loads(line) for line in spec.stdout.splitlines()]
+    assert [r["index"] for r in s_rows] == [0, 1]
+    assert [r["output"] for r in s_rows] == [r["output"] for r in p_rows]
+    for r in s_rows:
+        assert 1 <= r["new_tokens"] <= 12 and r["finish_reason"] in ("stop", "length")
+        assert r["skip_set"] in ([14], [])  # [] when no step drafted anything
+        assert {"steps", "drafted", "accepted", "acceptance_rate", "tau", "accept_hist", "prefill_seconds", "decode_seconds"} <= set(r)
+    assert all(r["drafted"] == 0 and r["tau"] == 1.0 for r in p_rows)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--skip-layers", "0,3"], "skip-set layer 0 is out of range"),
+        (["--skip-layers", "29"], "skip-set layer 29 is out of range"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--model", "/nonexistent/model"], "model path not found: /nonexistent/model"),
+    ],
+)
+def test_bad_arguments_exit_2_with_a_message(args, message):
+    r = run_cli("hello", *args)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
