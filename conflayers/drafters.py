@@ -43,6 +43,7 @@ class Proposal:
     lens: torch.Tensor  # [B]
     q: torch.Tensor | None = None  # [B, k, V] draft distributions; None = deterministic (one-hot)
     skip: frozenset[int] = frozenset()
+    passes: int = 0  # draft forward passes spent on this proposal (for cost accounting)
 
     @staticmethod
     def empty(batch: int, device) -> "Proposal":
@@ -62,6 +63,8 @@ class StepOutcome:
     draft_seconds: float
     verify_seconds: float
     histories: list[list[int]] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # tokens generated so far per row (history minus prompt)
+    budget: list[int] = field(default_factory=list)  # the row's token budget (max new tokens)
 
 
 class Drafter(Protocol):
@@ -124,8 +127,10 @@ class LayerSkipDrafter:
         drafting = limit > 0
         lens = torch.zeros(B, dtype=torch.long, device=device)
         current = ctx.last_tokens
+        passes = 0
         with skip_layers(self.model, skip):
             for j in range(k_max):
+                passes += 1
                 logits = ctx.kv.forward(current[:, None], logits_to_keep=1)[:, -1]
                 if ctx.sampling.greedy:
                     probs = logits.float().softmax(-1)
@@ -147,7 +152,7 @@ class LayerSkipDrafter:
                 current = nxt
         draft = torch.stack(tokens, 1)
         k = int(lens.max())
-        return Proposal(draft[:, :k], lens, torch.stack(qs, 1)[:, :k] if qs else None, skip)
+        return Proposal(draft[:, :k], lens, torch.stack(qs, 1)[:, :k] if qs else None, skip, passes)
 
     def observe(self, outcome: StepOutcome) -> None:
         self.policy.observe(outcome)

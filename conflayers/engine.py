@@ -46,6 +46,7 @@ class RowStats:
     accept_hist: list[int] = field(default_factory=list)  # accept_hist[a] = steps that accepted a drafts
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
+    draft_passes: int = 0  # draft forward passes run while this row was in the batch
     skip_counts: Counter = field(default_factory=Counter)
     finish_reason: str | None = None
 
@@ -74,6 +75,7 @@ class RowStats:
             "accept_hist": list(self.accept_hist),
             "prefill_seconds": self.prefill_seconds,
             "decode_seconds": self.decode_seconds,
+            "draft_passes": self.draft_passes,
             "skip_set": self.skip_set,
             "finish_reason": self.finish_reason,
         }
@@ -236,6 +238,7 @@ class Engine:
                 histories[i] += toks
                 st.new_tokens += len(toks)
                 st.record_step(int(prop.lens[b]), int(a[b]), prop.skip)
+                st.draft_passes += prop.passes
                 st.decode_seconds += step_t1 - step_t0
                 st.finish_reason = reason
                 committed.append(len(toks))
@@ -249,6 +252,8 @@ class Engine:
                     draft_seconds=verify_t0 - step_t0,
                     verify_seconds=step_t1 - verify_t0,
                     histories=[histories[i] for i in rows],
+                    generated=[len(results[i].token_ids) for i in rows],
+                    budget=[budget[i] for i in rows],
                 )
             )
         return results
