@@ -149,20 +149,11 @@ class Engine:
         for i, ids in enumerate(prompts):  # left padding: every row's last token sits in column T-1
             tokens[i, T - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
             valid[i, T - len(ids) :] = True
-        lens = valid.sum(1)
-        kv = KVState(self.model, valid=torch.zeros(B, 0, dtype=torch.bool, device=self.device), next_pos=lens)
-        mask = kv.attention_mask(T, valid)
+        kv = KVState(self.model, valid=torch.zeros(B, 0, dtype=torch.bool, device=self.device), next_pos=valid.sum(1))
         positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=kv.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        kv.valid = valid
-        return kv, out.logits[:, -1]
+        logits = kv.forward(tokens, logits_to_keep=1, token_valid=valid, positions=positions)
+        kv.valid, kv.pending = valid, 0
+        return kv, logits[:, -1]
 
     # -- the loop -----------------------------------------------------------------------------
     @torch.inference_mode()

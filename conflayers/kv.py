@@ -49,13 +49,26 @@ class KVState:
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
 
-    def forward(self, tokens: torch.Tensor, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        logits_to_keep: int = 0,
+        token_valid: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run the model (under whatever layer plan is active) over ``tokens`` [B, q] appended after
-        everything in storage; returns logits [B, q or logits_to_keep, V]."""
+        everything in storage; returns logits [B, q or logits_to_keep, V].
+
+        By default the new tokens are all real and numbered on from each row's next position;
+        prefill passes ``token_valid`` (padding) and ``positions`` explicitly.
+        """
         B, q = tokens.shape
-        new_valid = torch.ones(B, self.pending + q, dtype=torch.bool, device=tokens.device)
-        mask = self.attention_mask(q, new_valid)
-        positions = self.next_pos[:, None] + self.pending + torch.arange(q, device=tokens.device)[None, :]
+        if token_valid is None:
+            token_valid = torch.ones(B, q, dtype=torch.bool, device=tokens.device)
+        pending_valid = torch.ones(B, self.pending, dtype=torch.bool, device=tokens.device)
+        mask = self.attention_mask(q, torch.cat([pending_valid, token_valid], dim=1))
+        if positions is None:
+            positions = self.next_pos[:, None] + self.pending + torch.arange(q, device=tokens.device)[None, :]
         out = self.model(
             input_ids=tokens,
             attention_mask=mask,
