@@ -4,6 +4,7 @@ from .drafters import DraftContext, Drafter, FixedSkip, LayerSkipDrafter, NoDraf
 from .engine import Engine, GenerationConfig, RowResult, RowStats
 from .layers import capture_sublayers, decoder_layers, skip_layers, validate_skip_set
 from .sampling import SamplingParams
+from .search import ConfLayersSearch, SearchConfig, SwiftSearch, make_policy
 
 __all__ = [
     "DraftContext",
@@ -18,8 +19,12 @@ __all__ = [
     "RowStats",
     "SamplingParams",
     "StepOutcome",
+    "ConfLayersSearch",
+    "SearchConfig",
+    "SwiftSearch",
     "capture_sublayers",
     "decoder_layers",
+    "make_policy",
     "skip_layers",
     "validate_skip_set",
 ]

@@ -7,8 +7,11 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 from .drafters import FixedSkip, LayerSkipDrafter, NoDrafter
+from .registry import entry_from_policy, save_entry
+from .search import OBJECTIVES, SEARCHERS, make_policy
 from .engine import Engine, GenerationConfig
 from .layers import validate_skip_set
 from .models import BUNDLED, encode_prompts, load_model
@@ -75,6 +78,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-threshold", type=float, default=0.8, help="draft stops below this top-1 probability")
     p.add_argument("--max-draft", type=int, default=8, help="most tokens drafted per step")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text and a table")
+    s = p.add_argument_group("skip-set search (all prompts run as one stream through one searcher)")
+    s.add_argument("--searcher", choices=SEARCHERS, default=None,
+                   help="how the skip set is chosen; not given: --skip-layers or plain decoding")
+    s.add_argument("--objective", choices=OBJECTIVES, default="throughput",
+                   help="conflayers: score sets by measured tokens/s (default) or by acceptance (the paper's)")
+    s.add_argument("--rho", type=float, default=None, help="conflayers: minimum skip ratio (0.4)")
+    s.add_argument("--interval", type=int, default=None, help="conflayers: records per evaluation (30)")
+    s.add_argument("--max-iter", type=int, default=None, help="conflayers / swift: proposals before settling (100 / 50)")
+    s.add_argument("--window", type=int, default=None, help="conflayers: confidence window W (100; scaled down for short outputs)")
+    s.add_argument("--registry", help="skip-set registry JSON: read by --searcher cached, written by conflayers when it settles")
+    s.add_argument("--dataset", help="registry key for this prompt stream (default: the prompts file's name, or 'demo')")
     return p
 
 
@@ -95,6 +109,25 @@ def stats_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def build_policy(args, model, dataset: str):
+    """The skip-set policy for ``--searcher`` (``ValueError`` for knobs that do not fit it)."""
+    name = args.searcher
+    if args.skip_layers is not None and name != "static":
+        raise ValueError("--skip-layers names a fixed set: use it alone or with --searcher static")
+    if name == "static":
+        return make_policy(name, model, layers=args.skip_layers)
+    if name == "conflayers":
+        return make_policy(name, model, objective=args.objective, rho=args.rho, interval=args.interval,
+                           max_iter=args.max_iter, window=args.window)
+    if name == "swift":
+        return make_policy(name, model, max_iter=args.max_iter)
+    if name == "cached":
+        if not args.registry:
+            raise ValueError("--searcher cached needs --registry")
+        return make_policy(name, model, registry=args.registry, dataset=dataset)
+    return make_policy(name, model)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -109,7 +142,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir)
         engine = Engine(model)
-        if args.skip_layers is None:
+        dataset = args.dataset or (Path(args.prompts_file).stem if args.prompts_file else "demo")
+        policy = None
+        if args.searcher is not None:
+            policy = build_policy(args, model, dataset)
+            drafter = LayerSkipDrafter(model, policy, args.stop_threshold, args.max_draft)
+        elif args.skip_layers is None:
             drafter = NoDrafter()
         else:
             skip = validate_skip_set(args.skip_layers, engine.n_layers)
@@ -139,11 +177,27 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"--- [{i}] {prompts[i] if isinstance(prompts[i], str) else prompts[i][-1]['content']}")
                 print(text.strip(), flush=True)
     wall = time.perf_counter() - t0
+    state = policy.state() if policy is not None else None
+    if state is not None and args.registry and args.searcher == "conflayers":
+        if state["phase"] == "search":
+            state["registry"] = "not saved: the search had not settled"
+        else:
+            try:
+                save_entry(args.registry, entry_from_policy(policy, model, dataset))
+                state["registry"] = f"saved to {args.registry} as dataset {dataset!r}"
+            except (ValueError, OSError) as e:
+                print(f"error: could not save the skip set: {e}", file=sys.stderr)
+                return 2
+    if state is not None and args.json:
+        print(json.dumps({"searcher_state": state}), flush=True)
     if not args.json:
         total = sum(s["new_tokens"] for s in all_stats)
         print()
         print(stats_table(all_stats))
         mode = "plain decoding" if args.skip_layers is None else f"skip {sorted(set(args.skip_layers))}"
+        if state is not None:
+            mode = f"searcher {args.searcher}"
+            print("searcher: " + json.dumps(state))
         print(f"\n{len(all_stats)} prompts, {total} tokens in {wall:.1f} s ({total / wall:.1f} tok/s), "
               f"batch {args.batch_size}, {mode}, {args.model} on {args.device}")
     return 0

@@ -1,0 +1,219 @@
+"""The ConfLayers search state machine (ALGORITHM.md §6) driven by scripted step outcomes."""
+
+import numpy as np
+import pytest
+import torch
+
+from conflayers import Engine, GenerationConfig, LayerSkipDrafter
+from conflayers.drafters import StepOutcome
+from conflayers.search import ConfLayersSearch, SearchConfig, make_policy
+
+from .conftest import tiny_model
+
+L = 10  # 8 intermediate layers
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread when the CPU is shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Curves:
+    """A scripted confidence pass: a different single dip each call (so each proposal differs)."""
+
+    def __init__(self, dips=(2, 5, 3, 6, 4, 7, 1, 8)):
+        self.dips, self.calls = dips, 0
+
+    def __call__(self, ids, window):
+        c = np.ones(L - 2)
+        c[self.dips[self.calls % len(self.dips)] - 1] = 0.0
+        self.calls += 1
+        return c
+
+
+def outcome(acc, drafted=8, rows=1, generated=500, budget=1000, seconds=0.1, committed=None):
+    return StepOutcome(
+        lens=torch.full((rows,), drafted),
+        accepted=torch.full((rows,), acc),
+        committed=[acc + 1] * rows if committed is None else [committed] * rows,
+        skip=frozenset(),
+        draft_seconds=seconds / 2,
+        verify_seconds=seconds / 2,
+        histories=[[1, 2, 3]] * rows,
+        generated=[generated] * rows,
+        budget=[budget] * rows,
+    )
+
+
+def drive(policy, acc, steps, **kw):
+    for _ in range(steps):
+        policy.skip_set()
+        policy.observe(outcome(acc, **kw))
+
+
+def searcher(**knobs):
+    knobs.setdefault("objective", "acceptance")
+    return ConfLayersSearch(n_layers=L, confidence_fn=Curves(), **knobs)
+
+
+def test_starts_with_every_other_layer_and_stops_on_success():
+    s = searcher(interval=6)
+    assert s.skip_set() == frozenset({1, 3, 5, 7})
+    drive(s, acc=8, drafted=8, steps=7)  # mean acc 8 > 4, rate 1 > 0.95
+    assert s.phase == "installed" and not s.active and s.iterations == 0
+    assert s.skip_set() == frozenset({1, 3, 5, 7}) and s.best_measurement.tau == 9.0
+
+
+def test_abandons_hopeless_set_after_half_an_interval():
+    s = searcher(interval=10)
+    drive(s, acc=0, steps=4)
+    assert s.iterations == 0
+    drive(s, acc=0, steps=1)  # the 5th record: mean acc 0 < 1
+    assert s.iterations == 1 and s.acc == [] and s.best is None
+
+
+def test_records_only_after_the_window_and_short_outputs_use_a_short_window():
+    cfg = SearchConfig()
+    assert cfg.effective_window(None) == 100 and cfg.effective_window(1000) == 100
+    assert cfg.effective_window(64) == 16 and cfg.effective_window(10) == cfg.min_window
+    s = searcher(interval=10)
+    drive(s, acc=3, steps=5, generated=16, budget=64)  # not past W = 16 yet
+    assert s.acc == []
+    drive(s, acc=3, steps=2, generated=17, budget=64)
+    assert s.acc == [3, 3]
+
+
+def test_confidence_pass_sees_prompt_and_recent_window_of_the_longest_row():
+    from conflayers.search import recent_context
+
+    assert recent_context([1, 2, 3, 10, 11, 12, 13], 4, 2) == [1, 2, 3, 12, 13]
+    assert recent_context([1, 2], None, 1) == [1, 2]
+    seen = []
+    s = ConfLayersSearch(n_layers=L, confidence_fn=lambda ids, w: seen.append((ids, w)) or np.ones(L - 2),
+                         objective="acceptance", rho=0.6)
+    s.skip_set()
+    s.observe(StepOutcome(lens=torch.tensor([1, 1]), accepted=torch.tensor([0, 0]), committed=[1, 1], skip=frozenset(),
+                          draft_seconds=0.0, verify_seconds=0.0, histories=[[7, 8, 1, 2], [9] + list(range(20, 40))],
+                          generated=[2, 20], budget=[32, 32]))
+    assert seen == [([9] + list(range(32, 40)), 8)]  # W = max(min_window 8, 32 // 4)
+
+
+def test_batched_rows_all_record():
+    s = searcher(interval=100)
+    drive(s, acc=2, rows=4, steps=3)
+    assert len(s.acc) == 12
+
+
+def test_keeps_the_best_and_installs_it_after_max_iterations():
+    s = searcher(interval=4, max_iter=4, rho=0.0)
+    seen = []
+    for acc in (2, 3, 1, 2):  # each evaluation ends with a proposal
+        seen.append((s.S, acc))
+        drive(s, acc=acc, drafted=4, steps=5)
+    assert s.iterations == 4 and s.phase == "installed"
+    best_set = max(seen, key=lambda x: x[1])[0]
+    assert s.best == best_set and s.skip_set() == best_set
+    assert s.best_measurement.mean_accepted == 3
+
+
+def test_plain_decoding_fallback_when_no_set_was_ever_best():
+    s = searcher(interval=4, max_iter=3)
+    drive(s, acc=0, steps=50)  # every set hopeless: the reference would install an empty S*
+    assert s.iterations == 3 and s.phase == "plain" and s.best is None
+    assert s.skip_set() is None and s.state()["skip_set"] is None
+
+
+def test_too_small_sets_are_replaced_at_once():
+    s = searcher(interval=4, max_iter=50, rho=0.6)  # min size floor(8*0.6)+1 = 5 > |start set|; the curves give 1-layer sets
+    drive(s, acc=3, steps=3)
+    assert s.iterations == 3  # one proposal per observed step; λ is pushed down each time
+    assert s.lam < 0
+
+
+def _throughput_run(set_seconds, plain_seconds=0.1, acc=6):
+    s = searcher(objective="throughput", interval=4, max_iter=3, plain_every=3)
+    for _ in range(200):
+        if s.phase != "search":
+            break
+        choice = s.skip_set()
+        if choice is None:  # plain decoding: 1 token a step
+            s.observe(outcome(0, drafted=0, seconds=plain_seconds, committed=1))
+        else:
+            s.observe(outcome(acc, drafted=8, seconds=set_seconds))
+    return s
+
+
+def test_throughput_never_installs_a_set_slower_than_plain():
+    s = _throughput_run(set_seconds=2.0)  # 7 tokens / 2 s vs plain 10 tokens/s
+    assert s.phase == "plain" and s.skip_set() is None
+    st = s.state()
+    assert st["plain_tokens_per_s"] == pytest.approx(10.0) and st["speedup"] < 1
+    assert s.rho < 0.4  # losing sets shrink the effective ρ
+
+
+def test_throughput_installs_a_set_that_beats_plain():
+    s = _throughput_run(set_seconds=0.2)  # 7 tokens / 0.2 s = 35 tokens/s vs 10
+    assert s.phase == "installed" and s.skip_set() == s.best
+    assert s.state()["speedup"] == pytest.approx(3.5)
+
+
+def test_settled_policy_rechecks_rarely_and_switches_to_plain_when_it_loses():
+    s = _throughput_run(set_seconds=0.2)
+    s.cfg.recheck_every, s.cfg.probe_steps = 10, 3
+    s._plain.clear()
+    calls = []
+    for _ in range(30):
+        choice = s.skip_set()
+        calls.append(choice)
+        if choice is None:  # plain is now much faster
+            s.observe(outcome(0, drafted=0, seconds=0.001, committed=1))
+        else:
+            s.observe(outcome(6, seconds=0.2))
+    assert calls[:10] == [s.best] * 10 and None in calls
+    assert s.phase == "plain"
+
+
+def test_settled_on_plain_without_a_candidate_searches_again_rarely():
+    s = searcher(objective="throughput", interval=4, max_iter=10, recheck_every=20)
+    while s.phase == "search":
+        choice = s.skip_set()
+        s.observe(outcome(0, drafted=0 if choice is None else 8, committed=1))  # every set hopeless
+    assert s.phase == "plain" and s.iterations == 10 and s.rho < 0.4
+    for _ in range(19):
+        assert s.skip_set() is None
+        s.observe(outcome(0, drafted=0, committed=1))
+    assert s.phase == "plain"
+    s.skip_set()
+    s.observe(outcome(0, drafted=0, committed=1))
+    assert s.phase == "search" and s._iter_limit == 11
+
+
+def test_state_survives_across_prompts_and_batches():
+    model = tiny_model(layers=8)
+    engine = Engine(model)
+    policy = make_policy("conflayers", model, objective="acceptance", interval=4, max_iter=1000, window=8, min_window=2)
+    drafter = LayerSkipDrafter(model, policy, stop_threshold=0.0, max_draft_len=3)
+    config = GenerationConfig(max_new_tokens=12)
+    for prompts in ([[1, 2, 3], [4, 5]], [[6, 7, 8, 9]]):
+        before = policy.iterations + len(policy.acc)
+        plain = engine.generate(prompts, config)
+        spec = engine.generate(prompts, config, drafter)
+        assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+        assert policy.iterations + len(policy.acc) > before  # the same state keeps learning
+    assert policy.iterations >= 1 and policy.last_rule is not None
+
+
+def test_bad_knobs_are_rejected():
+    model = tiny_model(layers=4)
+    with pytest.raises(ValueError, match="objective must be one of"):
+        make_policy("conflayers", model, objective="speed")
+    with pytest.raises(ValueError, match="unknown knob"):
+        make_policy("conflayers", model, nonsense=1)
+    with pytest.raises(ValueError, match="unknown searcher"):
+        make_policy("magic", model)
+    with pytest.raises(ValueError, match="interval must be an integer"):
+        make_policy("conflayers", model, interval=0)
