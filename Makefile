@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m conflayers
+	$(PY) -m jobs.generate
 
 test: setup
 	$(PY) -m pytest -q

@@ -431,7 +431,7 @@ class SwiftSearch:
     name = "swift"
 
     def __init__(self, model, *, skip_ratio: float = 0.45, context: int = 32, max_iter: int = 50, bo_every: int = 4,
-                 eval_every: int = 1, seed: int = 0):
+                 eval_every: int = 2, seed: int = 0):
         if not 0.0 < skip_ratio < 1.0:
             raise ValueError(f"skip_ratio must be in (0, 1), got {skip_ratio!r}")
         for name, v in (("context", context), ("max_iter", max_iter), ("bo_every", bo_every), ("eval_every", eval_every)):
@@ -463,10 +463,19 @@ class SwiftSearch:
     def _optimizer(self):
         if self._bo is None:
             from bayes_opt import BayesianOptimization
+            from bayes_opt.acquisition import UpperConfidenceBound
+
+            class LightUCB(UpperConfidenceBound):
+                """UCB with a smaller acquisition search (1000 random points, 1 L-BFGS-B start instead
+                of 10000 and 10): suggesting must cost well under a decode step's budget on a CPU."""
+
+                def suggest(self, gp, target_space, n_random=1000, n_smart=1, fit_gp=True, random_state=None):
+                    return super().suggest(gp, target_space, n_random=n_random, n_smart=n_smart, fit_gp=fit_gp,
+                                           random_state=random_state)
 
             self._bo = BayesianOptimization(
-                f=None, pbounds={f"l{i}": (0.0, 1.0) for i in self.mid}, random_state=self._seed, verbose=0,
-                allow_duplicate_points=True,
+                f=None, pbounds={f"l{i}": (0.0, 1.0) for i in self.mid}, acquisition_function=LightUCB(random_state=self._seed),
+                random_state=self._seed, verbose=0, allow_duplicate_points=True,
             )
         return self._bo
 
@@ -494,7 +503,9 @@ class SwiftSearch:
         if not self.active or self._steps % self.eval_every or not outcome.histories:
             return
         b = _longest_row(outcome)
-        ids = recent_context(outcome.histories[b], outcome.generated[b] if outcome.generated else None, self.context)
+        # score the last `context` positions, with as many tokens again before them as their context:
+        # a bounded forward, not the whole prompt every step
+        ids = outcome.histories[b][-2 * self.context :]
         cand = self._candidate()
         best_score, full = greedy_agreement(self.model, ids, self.context, self.best)
         score, _ = greedy_agreement(self.model, ids, self.context, cand, full)

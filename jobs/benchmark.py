@@ -1,0 +1,231 @@
+"""Spec-Bench benchmark: every decoding method side by side in one process.
+
+    python -m jobs.benchmark --config configs/benchmark.yaml key=value ...
+
+Greedy decoding of the same prompts by: transformers ``generate`` (the reference), the engine's
+plain decoding, ConfLayers with ``objective: acceptance`` (the paper) and ``objective:
+throughput``, ``static`` every-other-layer, ``swift``, and transformers' prompt-lookup decoding,
+each at batch size 1 and a larger batch. Spec-Bench's method: greedy, one machine, speedup =
+tokens/s over ``generate`` at the same batch size. The run order of methods rotates per batch,
+a warm-up is excluded, search time is included in tokens/s and also reported on its own.
+Writes ``records.parquet`` (every prompt x method x batch size), ``table.md`` and two PNG plots.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+
+from conflayers import Engine, GenerationConfig, LayerSkipDrafter
+from conflayers.models import encode_prompts, load_model
+from conflayers.search import make_policy
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC_BENCH = REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+DEMO = REPO / "pipeline" / "data" / "demo.jsonl"
+
+METHODS = ("hf_generate", "plain", "conflayers_acceptance", "conflayers_throughput", "static", "swift", "prompt_lookup")
+BATCH1_ONLY = {"prompt_lookup"}  # transformers' assisted decoding runs batch size 1 only
+
+
+@dataclass
+class BenchConfig:
+    input: str = ""  # Spec-Bench-format JSONL; "" = ../shared/data/spec_bench/question.jsonl, else the demo corpus
+    categories: Optional[list] = None  # None = all categories in the file
+    per_category: int = 1  # prompts sampled per category (the first N)
+    max_new_tokens: int = 48
+    batch_sizes: list = field(default_factory=lambda: [1, 8])
+    methods: list = field(default_factory=lambda: list(METHODS))
+    model: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    device: str = "cpu"
+    stop_threshold: float = 0.8
+    max_draft: int = 8
+    prompt_lookup_num_tokens: int = 10
+    output: str = "outputs/benchmark"
+
+
+def load_config(argv: list[str]) -> BenchConfig:
+    base = OmegaConf.structured(BenchConfig)
+    args = list(argv)
+    if "--config" in args:
+        i = args.index("--config")
+        base = OmegaConf.merge(base, OmegaConf.load(args[i + 1]))
+        del args[i : i + 2]
+    cfg = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist(args)))
+    unknown = set(cfg.methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if cfg.per_category < 1 or cfg.max_new_tokens < 1 or not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise SystemExit("per_category, max_new_tokens and every batch_sizes entry must be >= 1")
+    return cfg
+
+
+def load_rows(cfg: BenchConfig) -> list[dict]:
+    path = Path(cfg.input) if cfg.input else (SPEC_BENCH if SPEC_BENCH.is_file() else DEMO)
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        if "turns" in r:  # Spec-Bench: first turn, category
+            ref = r.get("reference")
+            rows.append({"id": str(r.get("question_id", n)), "category": r["category"], "prompt": r["turns"][0],
+                         "reference": ref[0] if isinstance(ref, list) and ref else ref})
+        elif "prompt" in r:
+            rows.append({"id": str(r.get("id", n)), "category": r.get("dataset", path.stem), "prompt": r["prompt"],
+                         "reference": r.get("reference")})
+        else:
+            raise SystemExit(f"{path}:{n}: neither Spec-Bench ('turns') nor a 'prompt' row")
+    cats = cfg.categories or sorted({r["category"] for r in rows})
+    out = []
+    for c in cats:
+        picked = [r for r in rows if r["category"] == c][: cfg.per_category]
+        if not picked:
+            raise SystemExit(f"categories: {c!r} has no prompts in {path}")
+        out += picked
+    return out
+
+
+# ---- quality metrics ---------------------------------------------------------------------------
+_NUM = re.compile(r"-?\d[\d,]*\.?\d*")
+
+
+def last_number(text: str) -> Optional[str]:
+    nums = _NUM.findall(text or "")
+    return nums[-1].replace(",", "").rstrip(".") if nums else None
+
+
+def math_correct(output: str, reference: Optional[str]) -> Optional[bool]:
+    if not reference or "####" not in reference:
+        return None
+    want = reference.rsplit("####", 1)[1].strip().replace(",", "")
+    got = last_number(output)
+    try:
+        return got is not None and float(got) == float(want)
+    except ValueError:
+        return got == want
+
+
+def rouge2(output: str, reference: Optional[str]) -> Optional[float]:
+    if not reference:
+        return None
+    from rouge_score import rouge_scorer
+
+    return rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True).score(reference, output)["rouge2"].fmeasure
+
+
+# ---- the methods ---------------------------------------------------------------------------------
+class Runner:
+    def __init__(self, cfg: BenchConfig):
+        self.cfg = cfg
+        self.model, self.tok = load_model(cfg.model, cfg.dtype, cfg.device)
+        self.engine = Engine(self.model)
+        self.eos = set(self.engine.model.generation_config.eos_token_id if isinstance(
+            self.engine.model.generation_config.eos_token_id, list) else [self.engine.model.generation_config.eos_token_id])
+        self.policies: dict[tuple[str, str], object] = {}  # one searcher per (method, bs, category) stream
+
+    def policy(self, method: str, bs: int, category: str):
+        key = (method, bs, category)
+        if key not in self.policies:
+            if method.startswith("conflayers_"):
+                self.policies[key] = make_policy("conflayers", self.model, objective=method.split("_", 1)[1])
+            else:
+                self.policies[key] = make_policy(method, self.model)
+        return self.policies[key]
+
+    def _hf(self, batch: list[list[int]], **extra) -> list[list[int]]:
+        L = max(map(len, batch))
+        dev = self.engine.device
+        ids = torch.tensor([[0] * (L - len(p)) + p for p in batch], device=dev)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in batch], device=dev)
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=self.cfg.max_new_tokens, do_sample=False,
+                                  pad_token_id=0, **extra)
+        rows = []
+        for r in out[:, L:].tolist():
+            cut = next((i + 1 for i, t in enumerate(r) if t in self.eos), len(r))
+            rows.append(r[:cut])
+        return rows
+
+    def run(self, method: str, bs: int, category: str, batch: list[list[int]]):
+        """Returns (token id lists, per-row stats dicts or None, wall seconds, search seconds)."""
+        gc = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens)
+        t0 = time.perf_counter()
+        if method == "hf_generate":
+            outs, stats = self._hf(batch), None
+        elif method == "prompt_lookup":
+            outs, stats = self._hf(batch, prompt_lookup_num_tokens=self.cfg.prompt_lookup_num_tokens), None
+        elif method == "plain":
+            res = self.engine.generate(batch, gc)
+            outs, stats = [r.token_ids for r in res], [r.stats.as_dict() for r in res]
+        else:
+            drafter = LayerSkipDrafter(self.model, self.policy(method, bs, category), self.cfg.stop_threshold, self.cfg.max_draft)
+            res = self.engine.generate(batch, gc, drafter)
+            outs, stats = [r.token_ids for r in res], [r.stats.as_dict() for r in res]
+        wall = time.perf_counter() - t0
+        search = 0.0
+        if stats:  # engine time is prefill + decode; the rest of the wall time went to the searcher
+            search = max(0.0, wall - stats[0]["prefill_seconds"] - max(s["decode_seconds"] for s in stats))
+        return outs, stats, wall, search
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    rows = load_rows(cfg)
+    out_dir = Path(cfg.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runner = Runner(cfg)
+    ids = encode_prompts(runner.tok, [r["prompt"] for r in rows])
+    print(f"benchmark: {len(rows)} prompts over {len({r['category'] for r in rows})} categories, methods "
+          f"{', '.join(cfg.methods)}, batch sizes {cfg.batch_sizes}, max_new_tokens {cfg.max_new_tokens}", flush=True)
+    runner.engine.generate(ids[:1], GenerationConfig(max_new_tokens=4))  # warm-up, excluded
+    runner._hf(ids[:1])
+
+    records = []
+    cats = list(dict.fromkeys(r["category"] for r in rows))
+    step = 0
+    for bs in cfg.batch_sizes:
+        for cat in cats:
+            idx = [i for i, r in enumerate(rows) if r["category"] == cat]
+            for start in range(0, len(idx), bs):
+                chunk = idx[start : start + bs]
+                methods = list(cfg.methods)
+                methods = methods[step % len(methods):] + methods[: step % len(methods)]  # rotate run order
+                step += 1
+                for m in methods:
+                    if bs > 1 and m in BATCH1_ONLY:
+                        continue
+                    outs, stats, wall, search = runner.run(m, bs, cat, [ids[i] for i in chunk])
+                    for j, i in enumerate(chunk):
+                        st = stats[j] if stats else {}
+                        text = runner.tok.decode(outs[j], skip_special_tokens=True)
+                        records.append({
+                            "method": m, "batch_size": bs, "category": cat, "id": rows[i]["id"],
+                            "new_tokens": len(outs[j]), "token_ids": outs[j], "output": text,
+                            # a batch's wall time is shared by its rows, in proportion to their tokens
+                            "seconds": wall * len(outs[j]) / max(1, sum(map(len, outs))),
+                            "search_seconds": search * len(outs[j]) / max(1, sum(map(len, outs))),
+                            "steps": st.get("steps"), "drafted": st.get("drafted"), "accepted": st.get("accepted"),
+                            "skip_set": st.get("skip_set"),
+                            "rouge2": rouge2(text, rows[i]["reference"]) if cat == "summarization" else None,
+                            "math_correct": math_correct(text, rows[i]["reference"]) if cat == "math_reasoning" else None,
+                        })
+                print(f"  batch size {bs}, {cat}: {len(chunk)} prompts x {len(methods)} methods done", flush=True)
+    from jobs.benchmark_report import write_report
+
+    write_report(records, cfg, out_dir)
+    print(f"wrote {out_dir}/records.parquet, table.md, speedup_by_category.png, speedup_vs_batch.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

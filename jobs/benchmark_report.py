@@ -1,0 +1,152 @@
+"""Aggregation, Markdown table, Parquet and plots for ``jobs.benchmark``."""
+
+from __future__ import annotations
+
+import dataclasses
+import platform
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+UNSUPPORTED = "n/a"
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def aggregate(records: list[dict]) -> list[dict]:
+    """One row per (method, batch size, category) plus category ``__all__``."""
+    groups = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["batch_size"], r["category"])].append(r)
+        groups[(r["method"], r["batch_size"], "__all__")].append(r)
+    plain = {(r["batch_size"], r["id"]): r["token_ids"] for r in records if r["method"] == "plain"}
+    tps = {k: sum(r["new_tokens"] for r in g) / max(1e-9, sum(r["seconds"] for r in g)) for k, g in groups.items()}
+    out = []
+    for (m, bs, cat), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        steps = sum(r["steps"] or 0 for r in g)
+        drafted = sum(r["drafted"] or 0 for r in g)
+        accepted = sum(r["accepted"] or 0 for r in g)
+        ref = tps.get(("hf_generate", bs, cat))
+        matches = [r["token_ids"] == plain[(bs, r["id"])] for r in g if (bs, r["id"]) in plain]
+        sets = Counter(tuple(r["skip_set"]) for r in g if r["skip_set"] is not None)
+        out.append({
+            "method": m, "batch_size": bs, "category": cat, "n": len(g),
+            "tokens": sum(r["new_tokens"] for r in g), "tokens_per_s": tps[(m, bs, cat)],
+            "speedup": tps[(m, bs, cat)] / ref if ref else None,
+            "tau": (accepted + steps) / steps if steps else None,
+            "acceptance": accepted / drafted if drafted else None,
+            "exact_match": sum(matches) / len(matches) if matches else None,
+            "rouge2": _mean([r["rouge2"] for r in g]),
+            "math_accuracy": _mean([None if r["math_correct"] is None else float(r["math_correct"]) for r in g]),
+            "search_seconds": sum(r["search_seconds"] for r in g),
+            "skip_set": list(sets.most_common(1)[0][0]) if sets else None,
+        })
+    return out
+
+
+def _fmt(v, digits=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown(agg: list[dict], cfg, methods: list[str], batch_sizes: list[int]) -> str:
+    lines = [
+        f"# Spec-Bench benchmark ({time.strftime('%Y-%m-%d')})",
+        "",
+        f"Machine: {platform.machine()}, {platform.system()}, device {cfg.device}; model {cfg.model} ({cfg.dtype}); "
+        f"greedy, max_new_tokens {cfg.max_new_tokens}, {cfg.per_category} prompt(s) per category. "
+        "Speedup = tokens/s over transformers `generate` at the same batch size; tokens/s include search time. "
+        f"`{UNSUPPORTED}` = the method does not support that batch size.",
+        "",
+        "## Overall",
+        "",
+        "| method | batch | n | tokens/s | speedup | τ | acceptance | exact match vs plain | ROUGE-2 (summ.) | math acc. | search s | skip set |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    by = {(a["method"], a["batch_size"], a["category"]): a for a in agg}
+    cats = sorted({a["category"] for a in agg if a["category"] != "__all__"})
+    for bs in batch_sizes:
+        for m in methods:
+            a = by.get((m, bs, "__all__"))
+            if a is None:
+                lines.append(f"| {m} | {bs} | {UNSUPPORTED} |" + " |" * 9)
+                continue
+            summ, math = by.get((m, bs, "summarization")), by.get((m, bs, "math_reasoning"))
+            lines.append(
+                f"| {m} | {bs} | {a['n']} | {_fmt(a['tokens_per_s'], 1)} | {_fmt(a['speedup'], 3)} | {_fmt(a['tau'])} | "
+                f"{_fmt(a['acceptance'])} | {_fmt(a['exact_match'])} | {_fmt(summ and summ['rouge2'], 3)} | "
+                f"{_fmt(math and math['math_accuracy'])} | {_fmt(a['search_seconds'], 1)} | {a['skip_set'] if a['skip_set'] else '-'} |"
+            )
+    for bs in batch_sizes:
+        lines += ["", f"## Speedup per category, batch size {bs} (n per cell in parentheses)", ""]
+        lines.append("| method | " + " | ".join(cats) + " |")
+        lines.append("|---|" + "---|" * len(cats))
+        for m in methods:
+            cells = []
+            for c in cats:
+                a = by.get((m, bs, c))
+                cells.append(UNSUPPORTED if a is None else f"{_fmt(a['speedup'], 2)} ({a['n']})")
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(agg: list[dict], methods: list[str], batch_sizes: list[int], out_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = {(a["method"], a["batch_size"], a["category"]): a for a in agg}
+    cats = sorted({a["category"] for a in agg if a["category"] != "__all__"}) + ["__all__"]
+    fig, axes = plt.subplots(len(batch_sizes), 1, figsize=(max(8, len(cats) * 1.1), 3.6 * len(batch_sizes)), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for ax, bs in zip(axes[:, 0], batch_sizes):
+        for i, m in enumerate(methods):
+            ys = [(by.get((m, bs, c)) or {}).get("speedup") or 0.0 for c in cats]
+            ax.bar([x + i * width for x in range(len(cats))], ys, width, label=m)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(cats))])
+        ax.set_xticklabels(cats, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("speedup vs generate")
+        ax.set_title(f"batch size {bs}")
+    axes[0, 0].legend(fontsize=7, ncol=4)
+    fig.tight_layout()
+    fig.savefig(out_dir / "speedup_by_category.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in methods:
+        pts = [(bs, by[(m, bs, "__all__")]["tokens_per_s"]) for bs in batch_sizes if (m, bs, "__all__") in by]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=m)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("tokens/s (all categories)")
+    ax.set_xscale("log", base=2)
+    ax.set_title("throughput vs batch size")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "speedup_vs_batch.png", dpi=110)
+    plt.close(fig)
+
+
+def write_report(records: list[dict], cfg, out_dir: Path) -> list[dict]:
+    out_dir = Path(out_dir)
+    pq.write_table(pa.Table.from_pylist(records), out_dir / "records.parquet")
+    agg = aggregate(records)
+    pq.write_table(pa.Table.from_pylist(agg), out_dir / "summary.parquet")
+    methods, sizes = list(cfg.methods), list(cfg.batch_sizes)
+    md = markdown(agg, cfg, methods, sizes)
+    (out_dir / "table.md").write_text(md)
+    (out_dir / "config.json").write_text(__import__("json").dumps(dataclasses.asdict(cfg), indent=2))
+    plots(agg, methods, sizes, out_dir)
+    print(md)
+    return agg

@@ -1,0 +1,105 @@
+"""The offline generation job: ``python -m jobs.generate [--config FILE] [key=value ...]``.
+
+Configuration: the structured defaults in ``pipeline.config``, then ``--config`` (YAML), then
+``key=value`` overrides (OmegaConf dot-list). Unknown keys and values of the wrong type are errors
+that name the key; value ranges are checked by ``pipeline.config.validate``.
+
+Ray: with ``ray.address`` or ``$RAY_ADDRESS`` set it joins that cluster (as ``ray job submit``
+does); otherwise it starts a local one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline import io as storage_io
+from pipeline.config import PipelineConfig, validate
+
+
+def load_config(config_file: str | None, overrides: list[str]) -> PipelineConfig:
+    """Structured defaults <- YAML file <- ``key=value`` overrides, as a validated ``PipelineConfig``."""
+    try:
+        cfg = OmegaConf.structured(PipelineConfig)
+        if config_file:
+            cfg = OmegaConf.merge(cfg, OmegaConf.load(config_file))
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides must be key=value, got {bad[0]!r}")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ValueError(f"{key}: {msg}" if key else msg) from None
+    return validate(obj)
+
+
+def init_ray(cfg: PipelineConfig) -> None:
+    import ray
+
+    if ray.is_initialized():  # embedded use (tests): the caller owns Ray
+        return
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    # a local cluster: logical CPUs for the actor pool plus the read tasks, even on a 2-core machine
+    need = int(cfg.ray.concurrency * cfg.ray.num_cpus_per_actor) + 2
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be swapped, e.g. by pytest)."""
+
+    def emit(self, record):
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _setup_logging() -> None:
+    log = logging.getLogger("pipeline")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        h = _StderrHandler()
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(h)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # libraries that configure the root logger (absl, via rouge-score) would repeat it
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config file (e.g. configs/generate.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input.path=s3://bucket/x.jsonl")
+    args = p.parse_args(argv)
+    _setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+
+    from pipeline.run import run
+
+    init_ray(cfg)
+    resolved = OmegaConf.structured(cfg)
+    if resolved.storage.secret:
+        resolved.storage.secret = "***"  # never write credentials next to the outputs
+    storage_io.write_bytes_atomic(cfg.storage, storage_io.join(cfg.output.path, "run_config.yaml"),
+                                  OmegaConf.to_yaml(resolved).encode())
+    try:
+        run(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""The generation stage: a callable class for ``Dataset.map_batches`` (one instance per Ray actor).
+
+Per actor: the model is loaded once, and one skip-set policy is kept per dataset (started from the
+coordinator's cluster-wide best set when it has one). Per batch:
+
+1. turn each row into token ids; unusable rows (too long, bad prompt) become error rows;
+2. group rows by (dataset, token budget), sort each group by prompt length and cut it into engine
+   batches, so one long prompt does not pad the others;
+3. decode every engine batch under the dataset's policy; the rows picked for the baseline (a
+   fraction, and at least a few per dataset) form their own engine batches, which are decoded a
+   second time with plain decoding: same actor, same batch shape;
+4. report the batch's observations to the coordinator, write the batch's rows to one Parquet file
+   whose name depends only on the batch's ids (a retried batch rewrites the same file), and
+   return them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections import Counter, defaultdict
+
+import pyarrow as pa
+
+from . import io as storage_io
+from .config import PipelineConfig
+from .policies import current_set, is_settled, make_policy, search_iterations
+from .reader import RowError
+
+log = logging.getLogger(__name__)
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("dataset", pa.string()),
+        ("prompt", pa.string()),
+        ("messages", pa.string()),
+        ("reference", pa.string()),
+        ("generated_text", pa.string()),
+        ("num_input_tokens", pa.int64()),
+        ("num_generated_tokens", pa.int64()),
+        ("max_tokens", pa.int64()),
+        ("finish_reason", pa.string()),
+        ("prefill_seconds", pa.float64()),
+        ("decode_seconds", pa.float64()),
+        ("compute_seconds", pa.float64()),  # this row's share of its engine call's wall time
+        ("steps", pa.int64()),
+        ("drafted", pa.int64()),
+        ("accepted", pa.int64()),
+        ("acceptance_rate", pa.float64()),
+        ("tau", pa.float64()),
+        ("accept_hist", pa.list_(pa.int64())),
+        ("skip_set", pa.list_(pa.int64())),
+        ("baseline", pa.bool_()),
+        ("baseline_num_generated_tokens", pa.int64()),
+        ("baseline_compute_seconds", pa.float64()),
+        ("baseline_exact_match", pa.bool_()),
+        ("search_iterations", pa.int64()),
+        ("actor_id", pa.string()),
+        ("accelerator", pa.string()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
+
+
+def batch_file_name(ids: list[str]) -> str:
+    """Depends only on the batch's ids: a retried batch overwrites its own file, never duplicates it."""
+    return "batch-" + hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:20] + ".parquet"
+
+
+def in_baseline_fraction(row_id: str, fraction: float) -> bool:
+    return int(hashlib.sha1(row_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+class GenerationActor:
+    def __init__(self, cfg: PipelineConfig, coordinator: str | None = None, namespace: str | None = None):
+        import torch
+
+        from conflayers import Engine
+        from conflayers.models import load_model
+        from conflayers.registry import model_identity
+
+        self.cfg = cfg
+        self.device = resolve_device(cfg.model.device)
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
+        self.accelerator = torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu"
+        self.model, self.tokenizer = load_model(cfg.model.source, cfg.model.dtype, self.device)
+        self.engine = Engine(self.model)
+        self.model_id = model_identity(self.model)
+        self.actor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.policies: dict[str, object] = {}
+        self.baseline_count: Counter = Counter()
+        self.coordinator = None
+        if coordinator:
+            import ray
+
+            self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _crash_once(self) -> None:
+        marker = self.cfg.debug.crash_once_marker
+        if marker and not os.path.exists(marker):
+            with open(marker, "w") as f:
+                f.write(self.actor_id)
+            log.warning("debug.crash_once_marker: actor %s exits mid-batch on purpose", self.actor_id)
+            os._exit(1)
+
+    def _policy(self, dataset: str):
+        if dataset not in self.policies:
+            warm = None
+            if self.coordinator is not None:
+                import ray
+
+                warm = ray.get(self.coordinator.best.remote(dataset))
+            s = self.cfg.search
+            self.policies[dataset] = make_policy(s.searcher, self.model, s.skip_layers, s.knobs, warm, dataset,
+                                                 s.registry)
+        return self.policies[dataset]
+
+    def _drafter(self, policy):
+        from conflayers import LayerSkipDrafter, NoDrafter
+
+        if policy is None:  # the plain-decoding baseline
+            return NoDrafter()
+        s = self.cfg.search
+        return LayerSkipDrafter(self.model, policy, s.stop_threshold, s.max_draft_len)
+
+    def _gen_config(self, max_new: int):
+        from conflayers import GenerationConfig, SamplingParams
+
+        g = self.cfg.generation
+        return GenerationConfig(max_new, SamplingParams(g.temperature, g.top_p, g.top_k), seed=g.seed)
+
+    def _encode(self, row: dict) -> list[int]:
+        from conflayers.models import encode_prompts
+
+        prompt = json.loads(row["messages"]) if row.get("messages") else row["prompt"]
+        ids = encode_prompts(self.tokenizer, [prompt], chat=self.cfg.generation.chat)[0]
+        if len(ids) >= self.engine.context:
+            raise RowError("prompt_too_long", f"the prompt has {len(ids)} tokens; the model's context is "
+                                               f"{self.engine.context} tokens")
+        return ids
+
+    def _decode(self, ids: list[list[int]], max_new: int, drafter):
+        t0 = time.perf_counter()
+        results = self.engine.generate(ids, self._gen_config(max_new), drafter)
+        return results, time.perf_counter() - t0
+
+    # -- the batch ------------------------------------------------------------------------------
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self._crash_once()
+        rows = batch.to_pylist()
+        out: list[dict] = []
+        todo: dict[tuple[str, int], list[tuple[int, list[int]]]] = defaultdict(list)
+        for row in rows:
+            rec = {k: row.get(k) for k in ("id", "dataset", "prompt", "messages", "reference", "max_tokens",
+                                           "error_type", "error_message")}
+            rec.update(actor_id=self.actor_id, accelerator=self.accelerator, baseline=False)
+            out.append(rec)
+            if rec["error_type"] is None:
+                try:
+                    ids = self._encode(rec)
+                except RowError as e:
+                    rec["error_type"], rec["error_message"] = e.error_type, str(e)
+                except ValueError as e:
+                    rec["error_type"], rec["error_message"] = "bad_prompt", str(e)
+                else:
+                    rec["num_input_tokens"] = len(ids)
+                    max_new = rec["max_tokens"] or self.cfg.generation.max_tokens
+                    todo[(rec["dataset"], max_new)].append((len(out) - 1, ids))
+        errors = [r for r in out if r["error_type"]]
+        if errors and self.cfg.fail_fast:
+            e = errors[0]
+            raise RuntimeError(f"fail_fast: row {e['id']!r} ({e['dataset']}): {e['error_type']}: {e['error_message']}")
+
+        per_dataset: dict[str, dict] = defaultdict(lambda: Counter())
+        for (dataset, max_new), items in todo.items():
+            policy = self._policy(dataset)
+            drafter = self._drafter(policy)
+            b = self.cfg.baseline
+            base, rest = [], []
+            for item in items:
+                rid = out[item[0]]["id"]
+                if in_baseline_fraction(rid, b.fraction) or self.baseline_count[dataset] < b.min_per_dataset:
+                    base.append(item)
+                    self.baseline_count[dataset] += 1
+                else:
+                    rest.append(item)
+            obs = per_dataset[dataset]
+            for group, is_base in ((base, True), (rest, False)):
+                group = sorted(group, key=lambda it: len(it[1]))
+                n = self.cfg.ray.engine_batch_size
+                for start in range(0, len(group), n):
+                    chunk = group[start : start + n]
+                    ids = [it[1] for it in chunk]
+                    results, secs = self._decode(ids, max_new, drafter)
+                    for (i, _), r in zip(chunk, results):
+                        self._fill(out[i], r, secs / len(chunk), policy)
+                        obs["tokens"] += r.stats.new_tokens
+                        obs["steps"] += r.stats.steps
+                        obs["drafted"] += r.stats.drafted
+                        obs["accepted"] += r.stats.accepted
+                    obs["seconds"] += secs
+                    obs["rows"] += len(chunk)
+                    if is_base:
+                        plain, psecs = self._decode(ids, max_new, self._drafter(None))
+                        for (i, _), r in zip(chunk, plain):
+                            rec = out[i]
+                            rec["baseline"] = True
+                            rec["baseline_num_generated_tokens"] = r.stats.new_tokens
+                            rec["baseline_compute_seconds"] = psecs / len(chunk)
+                            rec["baseline_exact_match"] = list(r.token_ids) == list(rec.pop("_token_ids"))
+                            obs["baseline_tokens"] += r.stats.new_tokens
+                        obs["baseline_seconds"] += psecs
+            obs["search_iterations"] = search_iterations(policy)
+            obs["skip_set"] = current_set(policy)
+            obs["settled"] = is_settled(policy)
+            obs["model_id"], obs["n_layers"] = self.model_id, self.engine.n_layers
+        for rec in out:
+            rec.pop("_token_ids", None)
+
+        if self.coordinator is not None:
+            for dataset, obs in per_dataset.items():
+                self.coordinator.report.remote(dataset, dict(obs))
+        table = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
+        if out:
+            path = storage_io.join(self.cfg.output.path, "generations", batch_file_name([r["id"] for r in out]))
+            storage_io.write_parquet(self.cfg.storage, path, table)
+        return table
+
+    def _fill(self, rec: dict, r, compute_seconds: float, policy) -> None:
+        s = r.stats.as_dict()
+        rec["_token_ids"] = list(r.token_ids)
+        rec["generated_text"] = self.tokenizer.decode(r.token_ids, skip_special_tokens=True)
+        rec["num_generated_tokens"] = s["new_tokens"]
+        rec["compute_seconds"] = compute_seconds
+        rec["search_iterations"] = search_iterations(policy)
+        for k in ("finish_reason", "prefill_seconds", "decode_seconds", "steps", "drafted", "accepted",
+                  "acceptance_rate", "tau", "accept_hist", "skip_set"):
+            rec[k] = s[k]

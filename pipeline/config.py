@@ -1,0 +1,145 @@
+"""The pipeline's configuration: plain dataclasses (``jobs/`` fills them through OmegaConf).
+
+Every field is documented in ``configs/generate.yaml``. ``validate`` checks values and names
+the offending key in its error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+SEARCHERS = ("conflayers", "static", "swift", "none", "cached")
+FORMATS = ("records", "specbench", "gsm8k")
+FILE_FORMATS = ("auto", "jsonl", "parquet", "csv")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+@dataclass
+class ModelConfig:
+    source: str = "smollm2-135m-instruct"
+    dtype: str = "float32"
+    device: str = "auto"
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: Optional[str] = None
+    key: Optional[str] = None
+    secret: Optional[str] = None
+    region: Optional[str] = None
+    anonymous: bool = False
+
+
+@dataclass
+class InputConfig:
+    path: str = ""  # "" = the demo corpus bundled in pipeline/data/demo.jsonl
+    format: str = "records"
+    file_format: str = "auto"
+    limit: int = 0
+
+
+@dataclass
+class OutputConfig:
+    path: str = "outputs/generate"
+    resume: bool = True
+
+
+@dataclass
+class GenerationSettings:
+    max_tokens: int = 64
+    max_tokens_limit: int = 4096
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    chat: bool = True
+
+
+@dataclass
+class SearchConfig:
+    searcher: str = "conflayers"
+    skip_layers: list[int] = field(default_factory=lambda: [12, 16, 20, 24])
+    stop_threshold: float = 0.8
+    max_draft_len: int = 8
+    knobs: dict[str, Any] = field(default_factory=dict)
+    registry: Optional[str] = None  # skip-set registry (JSON, local path): read by `cached`, merged into at the end
+
+
+@dataclass
+class BaselineConfig:
+    fraction: float = 0.1
+    min_per_dataset: int = 2
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = None  # None: $RAY_ADDRESS if set, else a local Ray
+    concurrency: int = 1
+    batch_size: int = 8
+    engine_batch_size: int = 8
+    num_cpus_per_actor: float = 1.0
+    max_restarts: int = 3
+    max_task_retries: int = 3
+
+
+@dataclass
+class DebugConfig:
+    crash_once_marker: Optional[str] = None  # tests: the first batch os._exit()s once if this file is absent
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    fail_fast: bool = False
+
+
+def _check(ok: bool, key: str, msg: str) -> None:
+    if not ok:
+        raise ValueError(f"{key}: {msg}")
+
+
+def validate(cfg: PipelineConfig) -> PipelineConfig:
+    _check(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
+    _check(cfg.model.device in DEVICES, "model.device", f"must be one of {DEVICES}, got {cfg.model.device!r}")
+    _check(bool(cfg.model.source), "model.source", "must not be empty")
+    _check(cfg.input.format in FORMATS, "input.format", f"must be one of {FORMATS}, got {cfg.input.format!r}")
+    _check(cfg.input.file_format in FILE_FORMATS, "input.file_format",
+           f"must be one of {FILE_FORMATS}, got {cfg.input.file_format!r}")
+    _check(cfg.input.limit >= 0, "input.limit", f"must be >= 0 (0 = all rows), got {cfg.input.limit}")
+    _check(bool(cfg.output.path), "output.path", "must not be empty")
+    g = cfg.generation
+    _check(g.max_tokens_limit >= 1, "generation.max_tokens_limit", f"must be >= 1, got {g.max_tokens_limit}")
+    _check(1 <= g.max_tokens <= g.max_tokens_limit, "generation.max_tokens",
+           f"must be in [1, generation.max_tokens_limit={g.max_tokens_limit}], got {g.max_tokens}")
+    _check(g.temperature >= 0, "generation.temperature", f"must be >= 0, got {g.temperature}")
+    _check(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
+    _check(g.top_k >= 0, "generation.top_k", f"must be >= 0, got {g.top_k}")
+    s = cfg.search
+    _check(s.searcher in SEARCHERS, "search.searcher", f"must be one of {SEARCHERS}, got {s.searcher!r}")
+    _check(0 <= s.stop_threshold <= 1, "search.stop_threshold", f"must be in [0, 1], got {s.stop_threshold}")
+    _check(s.max_draft_len >= 1, "search.max_draft_len", f"must be >= 1, got {s.max_draft_len}")
+    _check(s.registry is None or not s.registry.startswith("s3://"), "search.registry",
+           "must be a local path (the registry is a local JSON file)")
+    _check(all(isinstance(i, int) and i >= 0 for i in s.skip_layers), "search.skip_layers",
+           f"must be a list of layer indices, got {s.skip_layers!r}")
+    b = cfg.baseline
+    _check(0 <= b.fraction <= 1, "baseline.fraction", f"must be in [0, 1], got {b.fraction}")
+    _check(b.min_per_dataset >= 0, "baseline.min_per_dataset", f"must be >= 0, got {b.min_per_dataset}")
+    r = cfg.ray
+    _check(r.concurrency >= 1, "ray.concurrency", f"must be >= 1, got {r.concurrency}")
+    _check(r.batch_size >= 1, "ray.batch_size", f"must be >= 1, got {r.batch_size}")
+    _check(r.engine_batch_size >= 1, "ray.engine_batch_size", f"must be >= 1, got {r.engine_batch_size}")
+    _check(r.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", f"must be > 0, got {r.num_cpus_per_actor}")
+    _check(r.max_restarts >= -1, "ray.max_restarts", f"must be >= -1 (-1 = forever), got {r.max_restarts}")
+    _check(r.max_task_retries >= -1, "ray.max_task_retries", f"must be >= -1, got {r.max_task_retries}")
+    return cfg

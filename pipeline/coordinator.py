@@ -1,0 +1,81 @@
+"""The coordinator: one named Ray actor per run that pools each dataset's skip-set observations.
+
+Generation actors ``report`` what they measured under a skip set (rows, tokens, seconds, steps,
+accepted/drafted, plain-decoding tokens and seconds, search iterations) and ask for ``best`` when
+they start a dataset, so an actor that joins late starts from the cluster-wide best set instead of
+searching from scratch. At the end of the run the driver takes ``summary()`` and writes it out.
+
+``Coordinator`` is a plain class (tested without Ray); ``start_coordinator`` makes it a named actor.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+_SUMMED = ("rows", "tokens", "seconds", "steps", "drafted", "accepted", "baseline_tokens", "baseline_seconds")
+
+
+class Coordinator:
+    def __init__(self, min_tokens: int = 1):
+        self.min_tokens = min_tokens
+        # dataset -> skip set (tuple) -> summed observation
+        self.stats: dict[str, dict[tuple, dict]] = defaultdict(dict)
+        self.iterations: dict[str, int] = defaultdict(int)
+        self.settled: dict[str, set] = defaultdict(set)  # sets an actor stood by (not candidates under test)
+        self.model: dict = {}
+        self.latest: dict[str, list[int]] = {}  # the set each dataset's policy stood on at its last report
+
+    def report(self, dataset: str, obs: dict) -> None:
+        key = tuple(sorted(obs.get("skip_set") or ()))
+        acc = self.stats[dataset].setdefault(key, dict.fromkeys(_SUMMED, 0))
+        for k in _SUMMED:
+            acc[k] += obs.get(k) or 0
+        self.latest[dataset] = list(key)
+        if obs.get("settled", True):
+            self.settled[dataset].add(key)
+        self.iterations[dataset] = max(self.iterations[dataset], int(obs.get("search_iterations") or 0))
+        if obs.get("model_id"):
+            self.model = {"model_id": obs["model_id"], "n_layers": obs.get("n_layers")}
+
+    @staticmethod
+    def _score(acc: dict) -> float:
+        return acc["tokens"] / acc["seconds"] if acc["seconds"] else 0.0
+
+    def best(self, dataset: str) -> list[int] | None:
+        """The skip set with the highest measured tokens/s on this dataset so far (None: no data yet)."""
+        cands = [(self._score(a), k) for k, a in self.stats.get(dataset, {}).items()
+                 if a["tokens"] >= self.min_tokens and k in self.settled[dataset]]
+        return list(max(cands)[1]) if cands else None
+
+    def summary(self) -> dict[str, dict]:
+        out = {}
+        for dataset, sets in self.stats.items():
+            best = self.best(dataset)
+            # the settled best set, else (no actor settled yet) the set that produced the most tokens
+            key = tuple(best) if best is not None else max(sets, key=lambda k: sets[k]["tokens"])
+            acc = sets[key]
+            tot = {k: sum(a[k] for a in sets.values()) for k in _SUMMED}
+            out[dataset] = {
+                "skip_set": list(key),
+                "tokens_per_s": self._score(acc),
+                "tau": (acc["accepted"] + acc["steps"]) / acc["steps"] if acc["steps"] else None,
+                "acceptance_rate": acc["accepted"] / acc["drafted"] if acc["drafted"] else None,
+                "baseline_tokens_per_s": tot["baseline_tokens"] / tot["baseline_seconds"] if tot["baseline_seconds"] else None,
+                "search_iterations": self.iterations[dataset],
+                "sets_tried": len(sets),
+                "rows": tot["rows"],
+                "settled": best is not None,
+            }
+        return out
+
+    def current(self, datasets: list[str]) -> dict[str, list[int]]:
+        return {d: self.latest[d] for d in datasets if d in self.latest}
+
+    def model_info(self) -> dict:
+        return dict(self.model)
+
+
+def start_coordinator(name: str, namespace: str | None = None):
+    import ray
+
+    return ray.remote(num_cpus=0)(Coordinator).options(name=name, namespace=namespace, get_if_exists=True).remote()

@@ -1,0 +1,151 @@
+"""The generation job end to end on a local Ray with a tiny random model: outputs, resume, a killed
+actor, fail-fast, and S3 (moto in server mode on loopback)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.actor import OUTPUT_SCHEMA
+from pipeline.metrics import METRIC_FIELDS
+from tests.pipeline_helpers import free_port, job_overrides, save_tiny_model, write_corpus
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _run(ray_local, overrides):
+    from jobs.generate import main
+
+    assert main(overrides) == 0
+
+
+def _generations(out: Path):
+    files = sorted((out / "generations").glob("*.parquet"))
+    assert files
+    return pq.read_table([str(f) for f in files]).to_pylist() if len(files) == 1 else [
+        r for f in files for r in pq.read_table(f).to_pylist()
+    ]
+
+
+def test_end_to_end_outputs_and_metrics(ray_local, tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.jsonl"
+    ids = write_corpus(corpus, n=5)
+    with open(corpus, "a") as f:  # bad rows: malformed JSON, empty prompt, absurd max_tokens, too long
+        f.write('{"id": "bad-json", \n{"id": "empty", "prompt": ""}\n{"id": "huge", "prompt": "x", "max_tokens": 99999}\n')
+        f.write('{"id": "long", "prompt": "' + "word " * 400 + '"}\n')
+    out = tmp_path / "out"
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(out), **{"generation.max_tokens_limit": 100}))
+
+    rows = _generations(out)
+    by_id = {r["id"]: r for r in rows}
+    assert len(rows) == len(by_id) == 9
+    assert set(ids) <= set(by_id) and set(rows[0]) == set(OUTPUT_SCHEMA.names)
+    for i in ids:
+        r = by_id[i]
+        assert r["error_type"] is None and r["num_generated_tokens"] == 8 and r["generated_text"] is not None
+        assert r["skip_set"] == [1] and r["actor_id"] and r["num_input_tokens"] > 0 and r["finish_reason"] == "length"
+    errors = {r["id"]: r["error_type"] for r in rows if r["error_type"]}
+    assert errors["empty"] == "empty_prompt" and errors["huge"] == "bad_max_tokens"
+    assert errors["long"] == "prompt_too_long" and "malformed_json" in errors.values()
+    base = [r for r in rows if r["baseline"]]
+    assert len(base) >= 2 and all(r["baseline_exact_match"] is not None for r in base)
+
+    metrics = pq.read_table(out / "metrics.parquet").to_pylist()
+    assert metrics[0].keys() == set(METRIC_FIELDS) or set(metrics[0]) == set(METRIC_FIELDS)
+    m = {r["dataset"]: r for r in metrics}
+    assert set(m) == {"alpha", "beta", "corpus", "__all__"}
+    assert m["__all__"]["rows_ok"] == 5 and m["__all__"]["rows_error"] == 4
+    assert m["__all__"]["generated_tokens"] == 40 and m["alpha"]["baseline_tokens_per_s"] > 0
+    assert m["alpha"]["speedup"] > 0 and m["alpha"]["rouge2"] is not None and m["alpha"]["accelerator_type"] == "cpu"
+    assert (out / "run_config.yaml").read_text().count("max_tokens_limit: 100") == 1
+    assert (out / "skip_sets.json").is_file()
+    assert "__all__" in capsys.readouterr().out
+
+
+def test_resume_after_a_killed_run(ray_local, tiny_dir, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    ids = write_corpus(corpus, n=6)
+    out = tmp_path / "out"
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(out)))
+    files = sorted((out / "generations").glob("*.parquet"))
+    assert len(files) >= 2
+    # a killed run: one batch never committed, one half-written temporary file left behind
+    kept = {r["id"] for f in files[1:] for r in pq.read_table(f).to_pylist()}
+    files[0].unlink()
+    (out / "generations" / "batch-x.parquet.tmp-dead").write_bytes(b"PAR1 partial")
+    mtimes = {f: f.stat().st_mtime_ns for f in files[1:]}
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(out)))
+    rows = _generations(out)
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    assert all(f.stat().st_mtime_ns == t for f, t in mtimes.items())  # committed batches were not redone
+    assert len(kept) < len(ids)
+    metrics = {r["dataset"]: r for r in pq.read_table(out / "metrics.parquet").to_pylist()}
+    assert metrics["__all__"]["rows_ok"] == 6
+
+
+def test_actor_killed_mid_batch_is_retried(ray_local, tiny_dir, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    ids = write_corpus(corpus, n=6)
+    out, marker = tmp_path / "out", tmp_path / "crashed"
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(out), **{"debug.crash_once_marker": str(marker)}))
+    assert marker.is_file()  # an actor did die
+    rows = _generations(out)
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+
+
+def test_fail_fast_fails_the_job(ray_local, tiny_dir, tmp_path):
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"id": "ok", "prompt": "hi"}\n{"id": "bad", "prompt": ""}\n')
+    with pytest.raises(Exception, match="fail_fast"):
+        _run(ray_local, job_overrides(tiny_dir, str(corpus), str(tmp_path / "out"), fail_fast="true"))
+
+
+def test_s3_corpus_and_outputs(ray_local, tiny_dir, tmp_path):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket="corpus")
+        ids = write_corpus(tmp_path / "c.jsonl", n=4)
+        s3.upload_file(str(tmp_path / "c.jsonl"), "corpus", "in/c.jsonl")
+        storage = {"storage.endpoint_url": endpoint, "storage.key": "testing", "storage.secret": "not-a-real-secret",
+                   "storage.region": "us-east-1"}
+        _run(ray_local, job_overrides(tiny_dir, "s3://corpus/in/", "s3://corpus/out", **storage))
+        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="out/")["Contents"]]
+        assert "out/metrics.parquet" in keys and "out/run_config.yaml" in keys
+        assert "not-a-real-secret" not in s3.get_object(Bucket="corpus", Key="out/run_config.yaml")["Body"].read().decode()
+        gen = [k for k in keys if k.startswith("out/generations/") and k.endswith(".parquet")]
+        assert gen
+        local = tmp_path / "dl"
+        local.mkdir()
+        got = []
+        for k in gen:
+            s3.download_file("corpus", k, str(local / os.path.basename(k)))
+            got += pq.read_table(local / os.path.basename(k)).column("id").to_pylist()
+        assert sorted(got) == sorted(ids)
+    finally:
+        server.stop()
