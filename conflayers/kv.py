@@ -25,6 +25,8 @@ class KVState:
         self.next_pos = next_pos  # [B] long: position id of the row's next token
         self.pending = 0  # columns appended since the last commit (draft writes)
         self.dtype = next(model.parameters()).dtype
+        # eager attention adds the mask to the scores; SDPA (the default) also accepts booleans
+        self.additive_mask = getattr(model.config, "_attn_implementation", "eager") != "sdpa"
 
     @property
     def committed_len(self) -> int:
@@ -38,7 +40,8 @@ class KVState:
         return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
 
     def attention_mask(self, q_len: int, new_valid: torch.Tensor) -> torch.Tensor:
-        """[B, 1, q, kv] additive mask: causal over storage order, restricted to valid columns."""
+        """[B, 1, q, kv] mask (boolean for SDPA, additive otherwise): causal over storage order,
+        restricted to valid columns."""
         kv_valid = torch.cat([self.valid, new_valid], dim=1)
         kv_len = kv_valid.shape[1]
         device = kv_valid.device
@@ -46,6 +49,8 @@ class KVState:
         causal = torch.arange(kv_len, device=device)[None, :] <= q_idx[:, None]
         allowed = causal[None] & kv_valid[:, None, :]
         allowed[:, torch.arange(q_len, device=device), q_idx] = True  # a padding query still sees itself
+        if not self.additive_mask:  # SDPA takes a boolean mask (True = attend): cheaper than an additive one
+            return allowed[:, None]
         mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
 

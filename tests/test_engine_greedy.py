@@ -121,3 +121,17 @@ def test_max_new_tokens_is_exact_under_speculation(tiny):
     for n in (1, 2, 5, 9):
         res = engine.generate(RAGGED, GenerationConfig(max_new_tokens=n, stop_token_ids=()), drafter)
         assert [len(r.token_ids) for r in res] == [n] * len(RAGGED)
+
+
+def test_eager_attention_with_an_additive_mask_is_lossless_too():
+    from .conftest import tiny_model
+
+    model = tiny_model("llama")
+    model.set_attn_implementation("eager")
+    engine = Engine(model)
+    drafter = LayerSkipDrafter(model, FixedSkip(every_other(model)), stop_threshold=0.0, max_draft_len=4)
+    cfg = GenerationConfig(max_new_tokens=N_NEW, stop_token_ids=())
+    ref = {tuple(p): hf_greedy(model, p, N_NEW) for p in RAGGED}
+    for d in (None, drafter):
+        for p, r in zip(RAGGED, engine.generate(RAGGED, cfg, d)):
+            assert r.token_ids == ref[tuple(p)]
