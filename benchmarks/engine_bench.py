@@ -187,7 +187,9 @@ def main():
                 g = max(1, round(gamma))
                 _, c, v = measure_costs(engine, prompts[0], layers, sorted({1, g + 1}))
                 e_tokens = (1 - alpha ** (gamma + 1)) / (1 - alpha) if alpha < 1 else gamma + 1
-                pred = f"{e_tokens / (passes * c + v[g + 1]):.3f} (c={c:.2f}, v={v[g + 1]:.2f}, passes/step={passes:.2f})"
+                # steps verify 1 + d tokens for varying d: verify cost taken linear in width around mean γ
+                v_eff = v[1] + gamma * (v[g + 1] - v[1]) / g
+                pred = f"{e_tokens / (passes * c + v_eff):.3f} (c={c:.2f}, v={v_eff:.2f}, passes/step={passes:.2f})"
             rows.append([bs, f"{k}: {layers if k < 14 else 'every other'}", f"{alpha:.3f}", f"{tau:.3f}",
                          f"{gamma:.2f}", f"{tps:.1f}", f"{tps / plain_tps:.3f}", pred, f"{same}/{len(plain['outputs'])}"])
     print("\n## Self-speculative greedy decoding with fixed skip sets (speedup vs the engine's plain decoding)\n")
