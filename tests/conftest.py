@@ -34,6 +34,15 @@ def tiny_model(family: str = "llama", layers: int = 6, vocab: int = 97, dtype=to
     return model.to(dtype).eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread when the CPU is shared (opt in per module)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session", params=["llama", "qwen2"])
 def tiny(request):
     return tiny_model(request.param)

@@ -19,12 +19,7 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["Name two colours.", "What is 2+2?", "Write one sentence about the sea."]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_stream(engine, ids, config, drafter=None, batch=2):
