@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, fields
@@ -109,6 +110,7 @@ class SearchConfig:
     rho_decay: float = 0.75  # after a set loses to plain, the effective ρ shrinks by this factor
     recheck_every: int = 1000  # once settled, steps between re-checks of the alternative
     probe_steps: int = 16  # steps a re-check runs
+    explore_budget: float = 0.1  # the search may lose at most this fraction of the stream's time to plain decoding
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -123,6 +125,8 @@ class SearchConfig:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         if not 0.0 < self.window_fraction <= 1.0:
             raise ValueError(f"window_fraction must be in (0, 1], got {self.window_fraction!r}")
+        if not 0.0 < self.explore_budget <= 1.0:
+            raise ValueError(f"explore_budget must be in (0, 1], got {self.explore_budget!r}")
 
     def effective_window(self, budget: int | None) -> int:
         """W for a row with this token budget: short answers get a short window."""
@@ -151,6 +155,12 @@ class ConfLayersSearch:
     Under the throughput objective a settled policy re-checks the alternative every
     ``recheck_every`` steps for ``probe_steps`` steps and switches if it wins (settled on plain
     with no candidate at all, it searches ``max_iter // 10`` more proposals instead).
+
+    The throughput objective also bounds what searching costs: its regret is the time spent
+    drafting with candidate sets and in confidence passes, minus the time plain decoding would
+    have taken for the same tokens. While the regret exceeds ``explore_budget`` of all the time the
+    stream has run, the search pauses and decodes plainly, so a model where no set wins still runs
+    at about ``1 - explore_budget`` of plain speed while it searches, and sets that win earn credit.
 
     ``confidence_fn(token_ids, window) -> c [L-2]`` replaces the model's confidence pass (tests).
     """
@@ -187,6 +197,12 @@ class ConfLayersSearch:
         self._since_check = 0
         self._iter_limit = self.cfg.max_iter
         self._last: frozenset[int] | None = None
+        # what searching has cost (throughput objective)
+        self._elapsed = 0.0  # seconds of every step observed, plus confidence passes
+        self._search_tokens = 0  # tokens committed under candidate sets
+        self._search_seconds = 0.0  # their step seconds, plus confidence passes
+        self._paused = False
+        self.paused_steps = 0
 
     # -- records ------------------------------------------------------------------------------
     def _reset_records(self) -> None:
@@ -211,6 +227,16 @@ class ConfLayersSearch:
         secs = sum(s for _, s in self._plain)
         return sum(t for t, _ in self._plain) / secs if secs > 0 else None
 
+    def regret_seconds(self) -> float:
+        """Time the search has lost against plain decoding (negative: it has gained)."""
+        plain = self.plain_tokens_per_s()
+        if not plain:
+            return self._search_seconds
+        return self._search_seconds - self._search_tokens / plain
+
+    def _over_budget(self) -> bool:
+        return self.throughput and self.regret_seconds() > self.cfg.explore_budget * self._elapsed
+
     def _beats_plain(self, tps: float | None) -> bool:
         plain = self.plain_tokens_per_s()
         return tps is not None and plain is not None and tps > plain * (1.0 + self.cfg.min_gain)
@@ -219,9 +245,13 @@ class ConfLayersSearch:
     def skip_set(self) -> frozenset[int] | None:
         self._steps += 1
         cfg = self.cfg
+        self._paused = False
         if self.phase == "search":
             if self.throughput and self._steps % cfg.plain_every == 0:
                 choice = None  # measure plain decoding in the same process, interleaved
+            elif self._over_budget():
+                choice, self._paused = None, True  # searching has cost its share: decode plainly
+                self.paused_steps += 1
             else:
                 choice = self.S or None
         elif self.phase == "installed":
@@ -235,8 +265,14 @@ class ConfLayersSearch:
         tokens = int(sum(outcome.committed))
         seconds = float(outcome.draft_seconds + outcome.verify_seconds)
         used = self._last
+        self._elapsed += seconds
         if used is None and self.throughput:
             self._plain.append((tokens, seconds))
+        if self.phase == "search" and used is not None:
+            self._search_tokens += tokens
+            self._search_seconds += seconds
+        if self._paused:
+            return
         if self.phase == "search":
             self._observe_search(outcome, used, tokens, seconds)
         elif self.throughput:
@@ -313,7 +349,11 @@ class ConfLayersSearch:
 
     def _propose(self, outcome: StepOutcome | None) -> None:
         """Confidence pass (§3) → skip rule (§4) → λ controller (§5)."""
+        t0 = time.perf_counter()
         c = self._confidences(outcome)
+        spent = time.perf_counter() - t0
+        self._elapsed += spent
+        self._search_seconds += spent
         self.last_rule = skip_rule(c, self.lam, self.L, self.cfg.alpha_cap)
         self.S = self.last_rule.layers
         self.lam = update_lambda(self.lam, len(self.S) / self.n_mid, self.rho, self.cfg.lambda_step)
@@ -397,6 +437,8 @@ class ConfLayersSearch:
             "tokens_per_s": m.tokens_per_s if m else None,
             "plain_tokens_per_s": plain,
             "speedup": (m.tokens_per_s / plain) if (m and m.tokens_per_s and plain) else None,
+            "regret_seconds": self.regret_seconds() if self.throughput else None,
+            "paused_steps": self.paused_steps,
         }
 
 
@@ -406,35 +448,36 @@ class ConfLayersSearch:
 
 
 @torch.inference_mode()
-def greedy_agreement(model, token_ids: list[int], context: int, skip=frozenset(), full_argmax=None):
-    """Teacher-forced agreement over the last ``context`` positions: one forward of the draft
-    (the model under ``skip``) over the tokens, its argmax compared with the full model's.
-    Returns (agreement, full_argmax) so callers can reuse the full model's argmax."""
+def match_rate(model, token_ids: list[int], n: int, skip=frozenset()) -> float:
+    """SWIFT's matchness: the share of the last ``n`` tokens of ``token_ids`` that the draft
+    (the model under ``skip``), teacher-forced over the tokens before them, predicts as its
+    argmax. The tokens were committed by the full model, so under greedy decoding they are its
+    argmax and no full-model forward is needed."""
+    if not 1 <= n < len(token_ids):
+        raise ValueError(f"need 1 <= n < len(token_ids), got n={n} for {len(token_ids)} tokens")
     device = next(model.parameters()).device
-    ids = torch.as_tensor([list(token_ids)], dtype=torch.long, device=device)
-    n = max(1, min(context, ids.shape[1]))
-    if full_argmax is None:
-        full_argmax = model(input_ids=ids, use_cache=False, logits_to_keep=n).logits[0].argmax(-1)
+    ids = torch.as_tensor([list(token_ids[:-1])], dtype=torch.long, device=device)
     with skip_layers(model, skip):
         draft = model(input_ids=ids, use_cache=False, logits_to_keep=n).logits[0].argmax(-1)
-    return float((draft == full_argmax).double().mean()), full_argmax
+    return float((draft == ids.new_tensor(token_ids[-n:])).double().mean())
 
 
 class SwiftSearch:
     """SWIFT-style search (arXiv 2410.06916): while optimising, every ``eval_every`` steps one
-    candidate set of fixed size (``skip_ratio`` of the intermediate layers) is scored by
-    teacher-forced greedy agreement over the recent context of the longest row, against the
-    current best on the same context; every ``bo_every``-th candidate comes from Bayesian
-    optimisation (``bayes_opt``) over per-layer scores, the rest are random. After ``max_iter``
-    candidates the best set stays."""
+    candidate set of fixed size (``skip_ratio`` of the intermediate layers) is scored by its
+    match rate on the longest row's last ``context`` generated tokens (at least ``min_tokens``),
+    against the current best on the same tokens; every ``bo_every``-th candidate comes from
+    Bayesian optimisation (``bayes_opt``) over per-layer scores, the rest are random. After
+    ``max_iter`` candidates the best set stays."""
 
     name = "swift"
 
     def __init__(self, model, *, skip_ratio: float = 0.45, context: int = 32, max_iter: int = 50, bo_every: int = 4,
-                 eval_every: int = 2, seed: int = 0):
+                 eval_every: int = 2, min_tokens: int = 4, seed: int = 0):
         if not 0.0 < skip_ratio < 1.0:
             raise ValueError(f"skip_ratio must be in (0, 1), got {skip_ratio!r}")
-        for name, v in (("context", context), ("max_iter", max_iter), ("bo_every", bo_every), ("eval_every", eval_every)):
+        for name, v in (("context", context), ("max_iter", max_iter), ("bo_every", bo_every), ("eval_every", eval_every),
+                        ("min_tokens", min_tokens)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
         self.model = model
@@ -442,6 +485,7 @@ class SwiftSearch:
         self.mid = list(range(1, self.L - 1))
         self.k = max(1, round(skip_ratio * len(self.mid)))
         self.context, self.max_iter, self.bo_every, self.eval_every = context, max_iter, bo_every, eval_every
+        self.min_tokens = min_tokens
         self.rng = random.Random(seed)
         self.best = self._random_set()
         self.best_score: float | None = None
@@ -466,10 +510,11 @@ class SwiftSearch:
             from bayes_opt.acquisition import UpperConfidenceBound
 
             class LightUCB(UpperConfidenceBound):
-                """UCB with a smaller acquisition search (1000 random points, 1 L-BFGS-B start instead
-                of 10000 and 10): suggesting must cost well under a decode step's budget on a CPU."""
+                """UCB maximised over 2000 random points, without the default 10 L-BFGS-B starts
+                from 10000: the candidate is the top-k of the per-layer scores, so polishing the
+                maximiser buys nothing, and each start costs about half a second on two CPU cores."""
 
-                def suggest(self, gp, target_space, n_random=1000, n_smart=1, fit_gp=True, random_state=None):
+                def suggest(self, gp, target_space, n_random=2000, n_smart=0, fit_gp=True, random_state=None):
                     return super().suggest(gp, target_space, n_random=n_random, n_smart=n_smart, fit_gp=fit_gp,
                                            random_state=random_state)
 
@@ -477,6 +522,9 @@ class SwiftSearch:
                 f=None, pbounds={f"l{i}": (0.0, 1.0) for i in self.mid}, acquisition_function=LightUCB(random_state=self._seed),
                 random_state=self._seed, verbose=0, allow_duplicate_points=True,
             )
+            # one GP hyper-parameter fit per suggestion instead of six: the default restarts cost
+            # about a second per suggestion on two CPU cores, more than the scoring itself
+            self._bo.set_gp_params(n_restarts_optimizer=0)
         return self._bo
 
     def _candidate(self) -> frozenset[int]:
@@ -503,12 +551,15 @@ class SwiftSearch:
         if not self.active or self._steps % self.eval_every or not outcome.histories:
             return
         b = _longest_row(outcome)
-        # score the last `context` positions, with as many tokens again before them as their context:
-        # a bounded forward, not the whole prompt every step
-        ids = outcome.histories[b][-2 * self.context :]
+        n = min(self.context, outcome.generated[b] if outcome.generated else self.context)
+        if n < self.min_tokens:
+            return
+        # score the last n generated tokens, with `context` tokens before them as their context:
+        # a bounded forward, not the whole prompt every step, and no full-model forward at all
+        ids = outcome.histories[b][-(n + self.context) :]
         cand = self._candidate()
-        best_score, full = greedy_agreement(self.model, ids, self.context, self.best)
-        score, _ = greedy_agreement(self.model, ids, self.context, cand, full)
+        best_score = match_rate(self.model, ids, n, self.best)
+        score = match_rate(self.model, ids, n, cand)
         self._register(self.best, best_score)
         self._register(cand, score)
         if score > best_score:
@@ -553,7 +604,7 @@ def make_policy(name: str, model, **knobs):
 
     Knobs: ``conflayers`` takes ``SearchConfig`` fields (``objective``, ``rho``, ``interval``, …);
     ``static`` takes ``layers`` (default every other intermediate layer); ``swift`` takes
-    ``skip_ratio``, ``context``, ``max_iter``, ``bo_every``, ``eval_every``, ``seed``;
+    ``skip_ratio``, ``context``, ``max_iter``, ``bo_every``, ``eval_every``, ``min_tokens``, ``seed``;
     ``cached`` takes ``registry`` (path), ``dataset`` and optionally ``model_id``.
     Knobs that are ``None`` are ignored (they mean "the default").
     """

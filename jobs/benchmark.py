@@ -41,8 +41,8 @@ BATCH1_ONLY = {"prompt_lookup"}  # transformers' assisted decoding runs batch si
 class BenchConfig:
     input: str = ""  # Spec-Bench-format JSONL; "" = ../shared/data/spec_bench/question.jsonl, else the demo corpus
     categories: Optional[list] = None  # None = all categories in the file
-    per_category: int = 1  # prompts sampled per category (the first N)
-    max_new_tokens: int = 48
+    per_category: int = 2  # prompts sampled per category (the first N)
+    max_new_tokens: int = 32
     batch_sizes: list = field(default_factory=lambda: [1, 8])
     methods: list = field(default_factory=lambda: list(METHODS))
     model: str = "smollm2-135m-instruct"
@@ -124,6 +124,16 @@ def rouge2(output: str, reference: Optional[str]) -> Optional[float]:
     return rouge_scorer.RougeScorer(["rouge2"], use_stemmer=True).score(reference, output)["rouge2"].fmeasure
 
 
+def batches(rows: list[dict], ids: list[list[int]], bs: int) -> list[list[int]]:
+    """Row indices per batch. Batch size 1 keeps the file's category order; larger batches mix
+    categories, rows sorted by prompt length so a batch pads little (the pipeline buckets the same
+    way), and a row's time is its token share of its batch's wall time."""
+    if bs == 1:
+        return [[i] for i in range(len(rows))]
+    order = sorted(range(len(rows)), key=lambda i: len(ids[i]))
+    return [order[s : s + bs] for s in range(0, len(order), bs)]
+
+
 # ---- the methods ---------------------------------------------------------------------------------
 class Runner:
     def __init__(self, cfg: BenchConfig):
@@ -132,10 +142,12 @@ class Runner:
         self.engine = Engine(self.model)
         self.eos = set(self.engine.model.generation_config.eos_token_id if isinstance(
             self.engine.model.generation_config.eos_token_id, list) else [self.engine.model.generation_config.eos_token_id])
-        self.policies: dict[tuple[str, str], object] = {}  # one searcher per (method, bs, category) stream
+        # one searcher per (method, batch size): it learns over the whole run, as a pipeline actor's
+        # searcher does over a dataset
+        self.policies: dict[tuple[str, int], object] = {}
 
-    def policy(self, method: str, bs: int, category: str):
-        key = (method, bs, category)
+    def policy(self, method: str, bs: int):
+        key = (method, bs)
         if key not in self.policies:
             if method.startswith("conflayers_"):
                 self.policies[key] = make_policy("conflayers", self.model, objective=method.split("_", 1)[1])
@@ -156,7 +168,7 @@ class Runner:
             rows.append(r[:cut])
         return rows
 
-    def run(self, method: str, bs: int, category: str, batch: list[list[int]]):
+    def run(self, method: str, bs: int, batch: list[list[int]]):
         """Returns (token id lists, per-row stats dicts or None, wall seconds, search seconds)."""
         gc = GenerationConfig(max_new_tokens=self.cfg.max_new_tokens)
         t0 = time.perf_counter()
@@ -168,7 +180,7 @@ class Runner:
             res = self.engine.generate(batch, gc)
             outs, stats = [r.token_ids for r in res], [r.stats.as_dict() for r in res]
         else:
-            drafter = LayerSkipDrafter(self.model, self.policy(method, bs, category), self.cfg.stop_threshold, self.cfg.max_draft)
+            drafter = LayerSkipDrafter(self.model, self.policy(method, bs), self.cfg.stop_threshold, self.cfg.max_draft)
             res = self.engine.generate(batch, gc, drafter)
             outs, stats = [r.token_ids for r in res], [r.stats.as_dict() for r in res]
         wall = time.perf_counter() - t0
@@ -179,7 +191,8 @@ class Runner:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    cfg = load_config(argv)
     rows = load_rows(cfg)
     out_dir = Path(cfg.output)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,38 +204,41 @@ def main(argv: list[str] | None = None) -> int:
     runner._hf(ids[:1])
 
     records = []
-    cats = list(dict.fromkeys(r["category"] for r in rows))
+    t_run = time.perf_counter()
     step = 0
     for bs in cfg.batch_sizes:
-        for cat in cats:
-            idx = [i for i, r in enumerate(rows) if r["category"] == cat]
-            for start in range(0, len(idx), bs):
-                chunk = idx[start : start + bs]
-                methods = list(cfg.methods)
-                methods = methods[step % len(methods):] + methods[: step % len(methods)]  # rotate run order
-                step += 1
-                for m in methods:
-                    if bs > 1 and m in BATCH1_ONLY:
-                        continue
-                    outs, stats, wall, search = runner.run(m, bs, cat, [ids[i] for i in chunk])
-                    for j, i in enumerate(chunk):
-                        st = stats[j] if stats else {}
-                        text = runner.tok.decode(outs[j], skip_special_tokens=True)
-                        records.append({
-                            "method": m, "batch_size": bs, "category": cat, "id": rows[i]["id"],
-                            "new_tokens": len(outs[j]), "token_ids": outs[j], "output": text,
-                            # a batch's wall time is shared by its rows, in proportion to their tokens
-                            "seconds": wall * len(outs[j]) / max(1, sum(map(len, outs))),
-                            "search_seconds": search * len(outs[j]) / max(1, sum(map(len, outs))),
-                            "steps": st.get("steps"), "drafted": st.get("drafted"), "accepted": st.get("accepted"),
-                            "skip_set": st.get("skip_set"),
-                            "rouge2": rouge2(text, rows[i]["reference"]) if cat == "summarization" else None,
-                            "math_correct": math_correct(text, rows[i]["reference"]) if cat == "math_reasoning" else None,
-                        })
-                print(f"  batch size {bs}, {cat}: {len(chunk)} prompts x {len(methods)} methods done", flush=True)
+        for chunk in batches(rows, ids, bs):
+            methods = list(cfg.methods)
+            methods = methods[step % len(methods):] + methods[: step % len(methods)]  # rotate run order
+            step += 1
+            for m in methods:
+                if bs > 1 and m in BATCH1_ONLY:
+                    continue
+                outs, stats, wall, search = runner.run(m, bs, [ids[i] for i in chunk])
+                total = max(1, sum(map(len, outs)))
+                for j, i in enumerate(chunk):
+                    st = stats[j] if stats else {}
+                    text = runner.tok.decode(outs[j], skip_special_tokens=True)
+                    cat = rows[i]["category"]
+                    records.append({
+                        "method": m, "batch_size": bs, "category": cat, "id": rows[i]["id"],
+                        "prompt_tokens": len(ids[i]), "new_tokens": len(outs[j]), "token_ids": outs[j], "output": text,
+                        # a batch's wall time is shared by its rows, in proportion to their tokens
+                        "seconds": wall * len(outs[j]) / total,
+                        "search_seconds": search * len(outs[j]) / total,
+                        "steps": st.get("steps"), "drafted": st.get("drafted"), "accepted": st.get("accepted"),
+                        "skip_set": st.get("skip_set"),
+                        "rouge2": rouge2(text, rows[i]["reference"]) if cat == "summarization" else None,
+                        "math_correct": math_correct(text, rows[i]["reference"]) if cat == "math_reasoning" else None,
+                    })
+            done = sorted({rows[i]["category"] for i in chunk})
+            print(f"  batch size {bs}: {len(chunk)} prompts ({', '.join(done)}) x {len(methods)} methods done, "
+                  f"{time.perf_counter() - t_run:.0f} s so far", flush=True)
     from jobs.benchmark_report import write_report
 
-    write_report(records, cfg, out_dir)
+    write_report(records, cfg, out_dir, command="python -m jobs.benchmark " + " ".join(argv),
+                 wall_seconds=time.perf_counter() - t_run,
+                 searchers={key: policy.state() for key, policy in runner.policies.items()})
     print(f"wrote {out_dir}/records.parquet, table.md, speedup_by_category.png, speedup_vs_batch.png")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import platform
 import time
 from collections import Counter, defaultdict
@@ -34,7 +35,7 @@ def aggregate(records: list[dict]) -> list[dict]:
         accepted = sum(r["accepted"] or 0 for r in g)
         ref = tps.get(("hf_generate", bs, cat))
         matches = [r["token_ids"] == plain[(bs, r["id"])] for r in g if (bs, r["id"]) in plain]
-        sets = Counter(tuple(r["skip_set"]) for r in g if r["skip_set"] is not None)
+        sets = Counter(tuple(r["skip_set"]) for r in g if r["skip_set"])  # [] = the row never drafted
         out.append({
             "method": m, "batch_size": bs, "category": cat, "n": len(g),
             "tokens": sum(r["new_tokens"] for r in g), "tokens_per_s": tps[(m, bs, cat)],
@@ -58,14 +59,32 @@ def _fmt(v, digits=2):
     return str(v)
 
 
-def markdown(agg: list[dict], cfg, methods: list[str], batch_sizes: list[int]) -> str:
+def machine() -> str:
+    import os
+
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    return (f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPUs, {torch.get_num_threads()} torch "
+            f"threads, torch {torch.__version__}, transformers {transformers.__version__}")
+
+
+def markdown(agg: list[dict], cfg, methods: list[str], batch_sizes: list[int], command: str = "",
+             wall_seconds: float | None = None, searchers: dict | None = None) -> str:
     lines = [
         f"# Spec-Bench benchmark ({time.strftime('%Y-%m-%d')})",
         "",
-        f"Machine: {platform.machine()}, {platform.system()}, device {cfg.device}; model {cfg.model} ({cfg.dtype}); "
-        f"greedy, max_new_tokens {cfg.max_new_tokens}, {cfg.per_category} prompt(s) per category. "
-        "Speedup = tokens/s over transformers `generate` at the same batch size; tokens/s include search time. "
-        f"`{UNSUPPORTED}` = the method does not support that batch size.",
+        f"- Command: `{command}`" if command else "- Command: (called from Python)",
+        f"- Machine: {machine()}; device {cfg.device}",
+        f"- Model {cfg.model} ({cfg.dtype}), greedy, max_new_tokens {cfg.max_new_tokens}, {cfg.per_category} prompt(s) "
+        f"per category" + (f"; the whole run took {wall_seconds / 60:.1f} min" if wall_seconds else ""),
+        "- Speedup = tokens/s over transformers `generate` at the same batch size. Tokens/s include search time; "
+        "`search s` is the searcher's own time. Methods run in an order rotated per batch; a warm-up is excluded.",
+        "- One searcher per method and batch size learns over the whole run, in category order at batch 1. "
+        "Larger batches mix categories (rows sorted by prompt length); a row's time there is its token share of "
+        "its batch's wall time, so per-category cells above batch 1 are apportioned, the overall row is exact.",
+        f"- `{UNSUPPORTED}` = the method does not support that batch size.",
         "",
         "## Overall",
         "",
@@ -86,6 +105,12 @@ def markdown(agg: list[dict], cfg, methods: list[str], batch_sizes: list[int]) -
                 f"{_fmt(a['acceptance'])} | {_fmt(a['exact_match'])} | {_fmt(summ and summ['rouge2'], 3)} | "
                 f"{_fmt(math and math['math_accuracy'])} | {_fmt(a['search_seconds'], 1)} | {a['skip_set'] if a['skip_set'] else '-'} |"
             )
+    if searchers:
+        lines += ["", "## Searchers at the end of the run", "",
+                  "| method | batch | phase | skip set | proposals | paused steps | regret s |", "|---|---|---|---|---|---|---|"]
+        for (m, bs), st in searchers.items():
+            lines.append(f"| {m} | {bs} | {st.get('phase', '-')} | {st.get('skip_set') or '-'} | "
+                         f"{_fmt(st.get('iterations'))} | {_fmt(st.get('paused_steps'))} | {_fmt(st.get('regret_seconds'), 1)} |")
     for bs in batch_sizes:
         lines += ["", f"## Speedup per category, batch size {bs} (n per cell in parentheses)", ""]
         lines.append("| method | " + " | ".join(cats) + " |")
@@ -123,30 +148,40 @@ def plots(agg: list[dict], methods: list[str], batch_sizes: list[int], out_dir: 
     fig.savefig(out_dir / "speedup_by_category.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in methods:
-        pts = [(bs, by[(m, bs, "__all__")]["tokens_per_s"]) for bs in batch_sizes if (m, bs, "__all__") in by]
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=m)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("tokens/s (all categories)")
-    ax.set_xscale("log", base=2)
-    ax.set_title("throughput vs batch size")
-    ax.legend(fontsize=7)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for key, ax, label in (("speedup", axes[0], "speedup vs generate (same batch size)"),
+                           ("tokens_per_s", axes[1], "tokens/s, all categories")):
+        for m in methods:
+            pts = [(bs, by[(m, bs, "__all__")][key]) for bs in batch_sizes if (m, bs, "__all__") in by]
+            if pts and all(y is not None for _, y in pts):
+                ax.plot(*zip(*pts), marker="o", label=m)
+        ax.set_xlabel("batch size")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    axes[0].axhline(1.0, color="black", lw=0.8)
+    axes[0].set_title("speedup vs batch size")
+    axes[1].set_title("throughput vs batch size")
+    axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "speedup_vs_batch.png", dpi=110)
     plt.close(fig)
 
 
-def write_report(records: list[dict], cfg, out_dir: Path) -> list[dict]:
+def write_report(records: list[dict], cfg, out_dir: Path, command: str = "", wall_seconds: float | None = None,
+                 searchers: dict | None = None) -> list[dict]:
+    """Writes records/summary Parquet, table.md, config.json, searchers.json and the plots.
+    ``searchers`` maps (method, batch size) to the searcher's final ``state()``."""
     out_dir = Path(out_dir)
     pq.write_table(pa.Table.from_pylist(records), out_dir / "records.parquet")
     agg = aggregate(records)
     pq.write_table(pa.Table.from_pylist(agg), out_dir / "summary.parquet")
     methods, sizes = list(cfg.methods), list(cfg.batch_sizes)
-    md = markdown(agg, cfg, methods, sizes)
+    md = markdown(agg, cfg, methods, sizes, command, wall_seconds, searchers)
     (out_dir / "table.md").write_text(md)
-    (out_dir / "config.json").write_text(__import__("json").dumps(dataclasses.asdict(cfg), indent=2))
+    (out_dir / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    (out_dir / "searchers.json").write_text(json.dumps(
+        [{"method": m, "batch_size": bs, **st} for (m, bs), st in (searchers or {}).items()], indent=2, default=str))
     plots(agg, methods, sizes, out_dir)
     print(md)
     return agg

@@ -33,6 +33,11 @@ def test_benchmark_harness_on_two_prompts(tmp_path):
     assert overall[("hf_generate", 1)]["speedup"] == pytest.approx(1.0)
     for m in methods - {"hf_generate", "prompt_lookup"}:  # greedy methods are lossless
         assert overall[(m, 1)]["exact_match"] == 1.0
+    searchers = {(s["method"], s["batch_size"]): s for s in json.loads((out / "searchers.json").read_text())}
+    assert set(searchers) == {(m, bs) for m in ("conflayers_acceptance", "conflayers_throughput", "static", "swift")
+                              for bs in (1, 2)}
+    assert searchers[("conflayers_throughput", 1)]["objective"] == "throughput"
     table = (out / "table.md").read_text()
     assert "| prompt_lookup | 2 | n/a |" in table and "Speedup per category, batch size 2" in table
+    assert "## Searchers at the end of the run" in table
     assert (out / "speedup_by_category.png").stat().st_size > 1000 and (out / "speedup_vs_batch.png").stat().st_size > 1000

@@ -128,8 +128,8 @@ def test_too_small_sets_are_replaced_at_once():
     assert s.lam < 0
 
 
-def _throughput_run(set_seconds, plain_seconds=0.1, acc=6):
-    s = searcher(objective="throughput", interval=4, max_iter=3, plain_every=3)
+def _throughput_run(set_seconds, plain_seconds=0.1, acc=6, explore_budget=1.0):
+    s = searcher(objective="throughput", interval=4, max_iter=3, plain_every=3, explore_budget=explore_budget)
     for _ in range(200):
         if s.phase != "search":
             break
@@ -153,6 +153,41 @@ def test_throughput_installs_a_set_that_beats_plain():
     s = _throughput_run(set_seconds=0.2)  # 7 tokens / 0.2 s = 35 tokens/s vs 10
     assert s.phase == "installed" and s.skip_set() == s.best
     assert s.state()["speedup"] == pytest.approx(3.5)
+
+
+def _stream(s, steps, set_seconds, plain_seconds=0.1, acc=0):
+    """Scripted decoding: plain steps commit 1 token, set steps acc + 1; returns the stream's tokens/s."""
+    tokens = seconds = 0.0
+    for _ in range(steps):
+        if s.skip_set() is None:
+            s.observe(outcome(0, drafted=0, seconds=plain_seconds, committed=1))
+            tokens, seconds = tokens + 1, seconds + plain_seconds
+        else:
+            s.observe(outcome(acc, drafted=4, seconds=set_seconds))
+            tokens, seconds = tokens + acc + 1, seconds + set_seconds
+    return tokens / seconds
+
+
+def test_throughput_search_costs_at_most_its_explore_budget():
+    # every set loses: a step under it commits 1 token in 0.3 s, plain 1 token in 0.1 s
+    knobs = dict(objective="throughput", interval=1000, max_iter=1000)
+    bounded = searcher(explore_budget=0.1, **knobs)
+    tps = _stream(bounded, 2000, set_seconds=0.3)
+    assert bounded.phase == "search" and bounded.paused_steps > 1000
+    assert tps >= 0.89 * 10.0  # within the 10% budget of plain's 10 tokens/s
+    assert bounded.state()["regret_seconds"] <= 0.1 * bounded._elapsed + 0.2  # one set step loses 0.2 s
+    unbounded = searcher(explore_budget=1.0, **knobs)
+    assert _stream(unbounded, 2000, set_seconds=0.3) < 0.5 * 10.0  # the same search without the budget
+    assert unbounded.paused_steps == 0
+
+
+def test_throughput_budget_never_pauses_a_winning_search():
+    s = searcher(objective="throughput", interval=1000, max_iter=1000, explore_budget=0.05)
+    tps = _stream(s, 300, set_seconds=0.1, acc=2)  # 3 tokens per 0.1 s under every set
+    # one pause at most: the search's second step, before plain decoding was ever measured
+    assert s.paused_steps <= 1 and s.regret_seconds() < 0 and tps > 25.0
+    with pytest.raises(ValueError, match="explore_budget must be in"):
+        searcher(objective="throughput", explore_budget=0.0)
 
 
 def test_settled_policy_rechecks_rarely_and_switches_to_plain_when_it_loses():
@@ -211,3 +246,36 @@ def test_bad_knobs_are_rejected():
         make_policy("magic", model)
     with pytest.raises(ValueError, match="interval must be an integer"):
         make_policy("conflayers", model, interval=0)
+
+
+def test_swift_match_rate_scores_the_draft_against_committed_greedy_tokens():
+    from conflayers.layers import skip_layers
+    from conflayers.search import match_rate
+
+    model = tiny_model(layers=6, std=0.2)
+    prompt = [5, 9, 2, 7]
+    gen = Engine(model).generate([prompt], GenerationConfig(max_new_tokens=10))[0].token_ids
+    seq = prompt + gen
+    # the full model agrees with its own greedy tokens everywhere
+    assert match_rate(model, seq, len(gen)) == 1.0
+    # a draft is scored position by position against the committed tokens
+    skip = frozenset({1, 2, 3})
+    with skip_layers(model, skip), torch.inference_mode():
+        logits = model(input_ids=torch.tensor([seq[:-1]])).logits[0]
+    want = (logits[-6:].argmax(-1) == torch.tensor(seq[-6:])).double().mean().item()
+    assert match_rate(model, seq, 6, skip) == pytest.approx(want)
+    assert want < 1.0  # the check can fail: this draft disagrees somewhere
+    with pytest.raises(ValueError, match="need 1 <= n"):
+        match_rate(model, seq, len(seq), skip)
+
+
+def test_swift_scores_nothing_before_min_tokens_then_iterates():
+    model = tiny_model(layers=8, std=0.2)
+    policy = make_policy("swift", model, context=8, max_iter=3, eval_every=1, min_tokens=5)
+    drafter = LayerSkipDrafter(model, policy, stop_threshold=0.0, max_draft_len=2)
+    Engine(model).generate([[3, 1, 4]], GenerationConfig(max_new_tokens=4), drafter)
+    assert policy.iterations == 0  # fewer than 5 generated tokens: nothing to score yet
+    Engine(model).generate([[3, 1, 4]], GenerationConfig(max_new_tokens=24), drafter)
+    state = policy.state()
+    assert policy.iterations == 3 and state["phase"] == "installed" and 0.0 <= state["score"] <= 1.0
+    assert len(state["skip_set"]) == policy.k
