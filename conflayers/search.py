@@ -156,11 +156,13 @@ class ConfLayersSearch:
     ``recheck_every`` steps for ``probe_steps`` steps and switches if it wins (settled on plain
     with no candidate at all, it searches ``max_iter // 10`` more proposals instead).
 
-    The throughput objective also bounds what searching costs: its regret is the time spent
-    drafting with candidate sets and in confidence passes, minus the time plain decoding would
-    have taken for the same tokens. While the regret exceeds ``explore_budget`` of all the time the
-    stream has run, the search pauses and decodes plainly, so a model where no set wins still runs
-    at about ``1 - explore_budget`` of plain speed while it searches, and sets that win earn credit.
+    The throughput objective also bounds what searching costs, cumulatively over the stream: its
+    regret is the time spent in confidence passes and drafting with candidate sets, minus the time
+    plain decoding takes for the same tokens at the same batch width, charged step by step. While
+    the regret exceeds ``explore_budget`` of all the time the stream has run (settled phases
+    included), the search pauses and decodes plainly, so on a model where no set wins the stream
+    as a whole runs at about ``1 - explore_budget`` of plain speed or better, and sets that win earn
+    credit. ``explore_budget=1.0`` turns the bound off.
 
     ``confidence_fn(token_ids, window) -> c [L-2]`` replaces the model's confidence pass (tests).
     """
@@ -199,8 +201,9 @@ class ConfLayersSearch:
         self._last: frozenset[int] | None = None
         # what searching has cost (throughput objective)
         self._elapsed = 0.0  # seconds of every step observed, plus confidence passes
-        self._search_tokens = 0  # tokens committed under candidate sets
-        self._search_seconds = 0.0  # their step seconds, plus confidence passes
+        self._regret = 0.0  # seconds lost against plain decoding, charged step by step
+        self._unpriced: list[tuple[int, int, float]] = []  # (tokens, rows, seconds) before plain was measured
+        self._plain_rows: dict[int, deque] = {}  # rows in the batch -> recent plain step seconds
         self._paused = False
         self.paused_steps = 0
 
@@ -227,12 +230,25 @@ class ConfLayersSearch:
         secs = sum(s for _, s in self._plain)
         return sum(t for t, _ in self._plain) / secs if secs > 0 else None
 
+    def _plain_step_seconds(self, rows: int) -> float | None:
+        """Recent seconds of one plain step at this many rows (else at the nearest row count)."""
+        if not self._plain_rows:
+            return None
+        d = self._plain_rows[min(self._plain_rows, key=lambda r: (abs(r - rows), -r))]
+        return sum(d) / len(d)
+
+    def _charge(self) -> None:
+        """Regret of the steps under candidate sets: their time minus plain decoding's for the
+        same tokens at the same batch width (tokens / rows plain steps), once plain is measured."""
+        if self._unpriced and self._plain_rows:
+            for t, r, sec in self._unpriced:
+                self._regret += sec - t / r * self._plain_step_seconds(r)
+            self._unpriced = []
+
     def regret_seconds(self) -> float:
-        """Time the search has lost against plain decoding (negative: it has gained)."""
-        plain = self.plain_tokens_per_s()
-        if not plain:
-            return self._search_seconds
-        return self._search_seconds - self._search_tokens / plain
+        """Time the search has lost against plain decoding (negative: it has gained). Steps taken
+        before plain decoding was ever measured count in full."""
+        return self._regret + sum(sec for _, _, sec in self._unpriced)
 
     def _over_budget(self) -> bool:
         return self.throughput and self.regret_seconds() > self.cfg.explore_budget * self._elapsed
@@ -268,9 +284,11 @@ class ConfLayersSearch:
         self._elapsed += seconds
         if used is None and self.throughput:
             self._plain.append((tokens, seconds))
+            rows = max(1, len(outcome.committed))
+            self._plain_rows.setdefault(rows, deque(maxlen=self.cfg.plain_history)).append(seconds)
         if self.phase == "search" and used is not None:
-            self._search_tokens += tokens
-            self._search_seconds += seconds
+            self._unpriced.append((tokens, max(1, len(outcome.committed)), seconds))
+        self._charge()
         if self._paused:
             return
         if self.phase == "search":
@@ -281,7 +299,8 @@ class ConfLayersSearch:
     # -- search phase ---------------------------------------------------------------------------
     def _observe_search(self, outcome: StepOutcome, used, tokens: int, seconds: float) -> None:
         if len(self.S) < self.min_size:
-            self._propose(outcome)
+            if not self._over_budget():  # a confidence pass is search time too
+                self._propose(outcome)
             return
         if used is None or used != self.S:
             return  # a plain measurement step
@@ -353,7 +372,8 @@ class ConfLayersSearch:
         c = self._confidences(outcome)
         spent = time.perf_counter() - t0
         self._elapsed += spent
-        self._search_seconds += spent
+        if self.throughput:
+            self._regret += spent
         self.last_rule = skip_rule(c, self.lam, self.L, self.cfg.alpha_cap)
         self.S = self.last_rule.layers
         self.lam = update_lambda(self.lam, len(self.S) / self.n_mid, self.rho, self.cfg.lambda_step)
@@ -451,8 +471,10 @@ class ConfLayersSearch:
 def match_rate(model, token_ids: list[int], n: int, skip=frozenset()) -> float:
     """SWIFT's matchness: the share of the last ``n`` tokens of ``token_ids`` that the draft
     (the model under ``skip``), teacher-forced over the tokens before them, predicts as its
-    argmax. The tokens were committed by the full model, so under greedy decoding they are its
-    argmax and no full-model forward is needed."""
+    argmax. No full-model forward: the reference is the committed tokens themselves (under greedy
+    decoding the full model's argmax with its whole context; under sampling, its samples). Callers
+    pass a truncated window, so even an empty skip set may score below 1; every candidate is
+    scored on the same window, so the comparison between them is fair."""
     if not 1 <= n < len(token_ids):
         raise ValueError(f"need 1 <= n < len(token_ids), got n={n} for {len(token_ids)} tokens")
     device = next(model.parameters()).device
@@ -485,6 +507,8 @@ class SwiftSearch:
         self.mid = list(range(1, self.L - 1))
         self.k = max(1, round(skip_ratio * len(self.mid)))
         self.context, self.max_iter, self.bo_every, self.eval_every = context, max_iter, bo_every, eval_every
+        if min_tokens > context:
+            raise ValueError(f"min_tokens ({min_tokens}) must be <= context ({context}): no window would ever be scored")
         self.min_tokens = min_tokens
         self.rng = random.Random(seed)
         self.best = self._random_set()

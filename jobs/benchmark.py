@@ -8,7 +8,8 @@ throughput``, ``static`` every-other-layer, ``swift``, and transformers' prompt-
 each at batch size 1 and a larger batch. Spec-Bench's method: greedy, one machine, speedup =
 tokens/s over ``generate`` at the same batch size. The run order of methods rotates per batch,
 a warm-up is excluded, search time is included in tokens/s and also reported on its own.
-Writes ``records.parquet`` (every prompt x method x batch size), ``table.md`` and two PNG plots.
+Writes ``records.parquet`` (every prompt x method x batch size), ``summary.parquet``,
+``table.md``, ``config.json``, ``searchers.json`` (each searcher's final state) and two PNG plots.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -236,10 +238,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{time.perf_counter() - t_run:.0f} s so far", flush=True)
     from jobs.benchmark_report import write_report
 
-    write_report(records, cfg, out_dir, command="python -m jobs.benchmark " + " ".join(argv),
+    write_report(records, cfg, out_dir, command="python -m jobs.benchmark " + shlex.join(argv),
                  wall_seconds=time.perf_counter() - t_run,
                  searchers={key: policy.state() for key, policy in runner.policies.items()})
-    print(f"wrote {out_dir}/records.parquet, table.md, speedup_by_category.png, speedup_vs_batch.png")
+    print(f"wrote {out_dir}/: records.parquet, summary.parquet, table.md, config.json, searchers.json, "
+          "speedup_by_category.png, speedup_vs_batch.png")
     return 0
 
 

@@ -75,12 +75,13 @@ def markdown(agg: list[dict], cfg, methods: list[str], batch_sizes: list[int], c
     lines = [
         f"# Spec-Bench benchmark ({time.strftime('%Y-%m-%d')})",
         "",
-        f"- Command: `{command}`" if command else "- Command: (called from Python)",
+        f"- Command: `{command}`",
         f"- Machine: {machine()}; device {cfg.device}",
         f"- Model {cfg.model} ({cfg.dtype}), greedy, max_new_tokens {cfg.max_new_tokens}, {cfg.per_category} prompt(s) "
         f"per category" + (f"; the whole run took {wall_seconds / 60:.1f} min" if wall_seconds else ""),
         "- Speedup = tokens/s over transformers `generate` at the same batch size. Tokens/s include search time; "
-        "`search s` is the searcher's own time. Methods run in an order rotated per batch; a warm-up is excluded.",
+        "`search s` is wall time beyond the engine's prefill and decode (the searcher's own time plus per-step "
+        "overhead). Methods run in an order rotated per batch; a warm-up of `generate` and the engine is excluded.",
         "- One searcher per method and batch size learns over the whole run, in category order at batch 1. "
         "Larger batches mix categories (rows sorted by prompt length); a row's time there is its token share of "
         "its batch's wall time, so per-category cells above batch 1 are apportioned, the overall row is exact.",

@@ -188,6 +188,23 @@ def test_throughput_budget_never_pauses_a_winning_search():
     assert s.paused_steps <= 1 and s.regret_seconds() < 0 and tps > 25.0
     with pytest.raises(ValueError, match="explore_budget must be in"):
         searcher(objective="throughput", explore_budget=0.0)
+    with pytest.raises(ValueError, match="min_tokens"):
+        make_policy("swift", tiny_model(layers=4), context=4, min_tokens=8)
+
+
+def test_throughput_regret_is_priced_at_the_batch_width_of_each_step():
+    # plain decoding: 8 rows commit 8 tokens in 0.1 s; 1 row commits 1 token in 0.08 s
+    s = searcher(objective="throughput", interval=1000, max_iter=1000, plain_every=2, explore_budget=0.05)
+    for rows, plain_s in ((8, 0.1), (1, 0.08)):
+        for _ in range(40):
+            if s.skip_set() is None:
+                s.observe(outcome(0, drafted=0, rows=rows, seconds=plain_s, committed=1))
+            else:  # a break-even set: as fast as plain at the same width
+                s.observe(outcome(0, drafted=4, rows=rows, seconds=plain_s, committed=1))
+    # priced at one blended plain rate, the 1-row tail would look 6x slower than plain (regret
+    # ~1.3 s) and pause; here only the first 1-row set step, before a 1-row plain step was seen,
+    # is priced at the nearest width (8 rows): -0.02 s
+    assert s.paused_steps == 0 and abs(s.regret_seconds()) <= 0.02 + 1e-9
 
 
 def test_settled_policy_rechecks_rarely_and_switches_to_plain_when_it_loses():
