@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--interval", type=int, default=None, help="conflayers: records per evaluation (30)")
     s.add_argument("--max-iter", type=int, default=None, help="conflayers / swift: proposals before settling (100 / 50)")
     s.add_argument("--window", type=int, default=None, help="conflayers: confidence window W (100; scaled down for short outputs)")
+    s.add_argument("--explore-budget", type=float, default=None,
+                   help="conflayers, throughput objective: share of the stream's time the search may lose to plain decoding (0.1)")
     s.add_argument("--registry", help="skip-set registry JSON: read by --searcher cached, written by conflayers when it settles")
     s.add_argument("--dataset", help="registry key for this prompt stream (default: the prompts file's name, or 'demo')")
     return p
@@ -118,7 +120,7 @@ def build_policy(args, model, dataset: str):
         return make_policy(name, model, layers=args.skip_layers)
     if name == "conflayers":
         return make_policy(name, model, objective=args.objective, rho=args.rho, interval=args.interval,
-                           max_iter=args.max_iter, window=args.window)
+                           max_iter=args.max_iter, window=args.window, explore_budget=args.explore_budget)
     if name == "swift":
         return make_policy(name, model, max_iter=args.max_iter)
     if name == "cached":

@@ -79,6 +79,8 @@ def test_cli_searcher_stream_json_and_registry(tmp_path):
         assert entry.objective == "acceptance" and entry.iterations == state["iterations"]
     bad = run_cli("hi", "--searcher", "cached", "--registry", str(tmp_path / "none.json"))
     assert bad.returncode == 2 and "no entry for model" in bad.stderr
+    bad = run_cli("hi", "--searcher", "conflayers", "--explore-budget", "0")
+    assert bad.returncode == 2 and "explore_budget must be in (0, 1]" in bad.stderr
 
 
 def test_plot_cli_writes_a_png(tmp_path):
