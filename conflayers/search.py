@@ -281,13 +281,13 @@ class ConfLayersSearch:
         tokens = int(sum(outcome.committed))
         seconds = float(outcome.draft_seconds + outcome.verify_seconds)
         used = self._last
+        rows = max(1, len(outcome.committed))
         self._elapsed += seconds
         if used is None and self.throughput:
             self._plain.append((tokens, seconds))
-            rows = max(1, len(outcome.committed))
             self._plain_rows.setdefault(rows, deque(maxlen=self.cfg.plain_history)).append(seconds)
         if self.phase == "search" and used is not None:
-            self._unpriced.append((tokens, max(1, len(outcome.committed)), seconds))
+            self._unpriced.append((tokens, rows, seconds))
         self._charge()
         if self._paused:
             return
