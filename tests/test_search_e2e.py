@@ -38,7 +38,9 @@ def test_every_searcher_keeps_greedy_output(smollm2, tmp_path):
     registry = tmp_path / "skipsets.json"
     save_entry(registry, SkipSetEntry(model=model_identity(model), dataset="demo", layers=[14], n_layers=30))
     knobs = {
-        "conflayers": dict(interval=6, max_iter=3, plain_every=3),
+        # explore_budget=1.0: the bound pauses a losing search by wall time, which on a loaded
+        # machine can pause it before its first iteration; this test is about the search running
+        "conflayers": dict(interval=6, max_iter=3, plain_every=3, explore_budget=1.0),
         "swift": dict(max_iter=3, context=16),
         "static": dict(layers=[14]),
         "none": {},
