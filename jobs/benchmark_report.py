@@ -137,8 +137,13 @@ def plots(agg: list[dict], methods: list[str], batch_sizes: list[int], out_dir: 
     width = 0.8 / max(1, len(methods))
     for ax, bs in zip(axes[:, 0], batch_sizes):
         for i, m in enumerate(methods):
-            ys = [(by.get((m, bs, c)) or {}).get("speedup") or 0.0 for c in cats]
-            ax.bar([x + i * width for x in range(len(cats))], ys, width, label=m)
+            xs = [x + i * width for x in range(len(cats))]
+            ys = [(by.get((m, bs, c)) or {}).get("speedup") for c in cats]
+            ax.bar(xs, [y or 0.0 for y in ys], width, label=m)
+            for x, c, y in zip(xs, cats, ys):
+                if y is None:  # a method that does not run at this batch size: say so, not a blank gap
+                    ax.text(x, 0.02, UNSUPPORTED if (m, bs, c) not in by else "-", rotation=90,
+                            ha="center", va="bottom", fontsize=6, color="dimgray")
         ax.axhline(1.0, color="black", lw=0.8)
         ax.set_xticks([x + width * (len(methods) - 1) / 2 for x in range(len(cats))])
         ax.set_xticklabels(cats, rotation=30, ha="right", fontsize=8)
