@@ -82,7 +82,7 @@ def measure_costs(engine, prompt, skip, widths, reps=15):
         return statistics.median(ts)
 
     with torch.inference_mode():
-        kv, _ = engine._prefill([prompt])
+        kv, _ = engine.prefill([prompt])
         tok = torch.tensor([[prompt[-1]]])
         plain = timed(lambda: kv.forward(tok))
 

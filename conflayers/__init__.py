@@ -1,7 +1,7 @@
 """ConfLayers: training-free self-speculative decoding by confidence-guided layer skipping."""
 
 from .drafters import DraftContext, Drafter, FixedSkip, LayerSkipDrafter, NoDrafter, Proposal, StepOutcome
-from .engine import Engine, GenerationConfig, RowResult, RowStats
+from .engine import Engine, GenerationConfig, Request, RowResult, RowStats
 from .layers import capture_sublayers, decoder_layers, skip_layers, validate_skip_set
 from .sampling import SamplingParams
 from .search import ConfLayersSearch, SearchConfig, SwiftSearch, make_policy
@@ -15,6 +15,7 @@ __all__ = [
     "LayerSkipDrafter",
     "NoDrafter",
     "Proposal",
+    "Request",
     "RowResult",
     "RowStats",
     "SamplingParams",

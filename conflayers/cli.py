@@ -13,9 +13,11 @@ from .drafters import FixedSkip, LayerSkipDrafter, NoDrafter
 from .registry import entry_from_policy, save_entry
 from .search import OBJECTIVES, SEARCHERS, make_policy
 from .engine import Engine, GenerationConfig
+from .kernels import KERNELS
 from .layers import validate_skip_set
 from .models import BUNDLED, encode_prompts, load_model
 from .sampling import SamplingParams
+from .width import choose_width
 
 DEMO_PROMPTS = [
     "Summarize in two sentences why the sky looks blue.",
@@ -33,6 +35,18 @@ def parse_layers(text: str) -> list[int]:
         return [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"--skip-layers takes comma-separated layer indices, got {text!r}") from None
+
+
+def parse_width(text: str):
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"--batch-size takes auto or an integer >= 1, got {text!r}")
+    return n
 
 
 def read_prompts_file(path: str) -> list:
@@ -65,9 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=BUNDLED, help=f"local HF dir, .gguf file, hub id, or {BUNDLED!r} (default)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
     p.add_argument("--device", default="cpu")
+    p.add_argument("--kernels", choices=KERNELS, default="auto",
+                   help="linear-layer kernels: auto (prepacked oneDNN on CPU float32/bfloat16, else default), "
+                        "native (PyTorch's default), onednn")
     p.add_argument("--cache-dir", help="where converted GGUF models are cached")
     p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=parse_width, default="auto",
+                   help="rows in flight (continuous batching): an integer, or auto (default): the width with the best "
+                        "measured decode throughput that fits --kv-cache-gb")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV cache budget in GiB (default: half of the free memory)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -133,8 +154,8 @@ def build_policy(args, model, dataset: str):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if args.batch_size < 1:
-        raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
+        raise SystemExit(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else (args.prompts or DEMO_PROMPTS)
     try:
         config = GenerationConfig(
@@ -143,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
         )
         model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir)
-        engine = Engine(model)
+        engine = Engine(model, args.kernels)
         dataset = args.dataset or (Path(args.prompts_file).stem if args.prompts_file else "demo")
         policy = None
         if args.searcher is not None:
@@ -155,30 +176,35 @@ def main(argv: list[str] | None = None) -> int:
             skip = validate_skip_set(args.skip_layers, engine.n_layers)
             drafter = LayerSkipDrafter(model, FixedSkip(skip), args.stop_threshold, args.max_draft)
         ids = encode_prompts(tokenizer, prompts)
+        budget = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
+        width = args.batch_size
+        if width == "auto":
+            row_tokens = max(map(len, ids)) + args.max_new_tokens
+            width = choose_width(engine, budget, row_tokens=row_tokens).width
+        width = min(width, len(ids))
+        engine._check_prompts(ids)
     except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    all_stats = []
+    stats_by_index = {}
     t0 = time.perf_counter()
-    for start in range(0, len(ids), args.batch_size):
-        batch = ids[start : start + args.batch_size]
-        try:
-            results = engine.generate(batch, config, drafter)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        for j, r in enumerate(results):
-            i = start + j
+    try:
+        for i, r in engine.stream(ids, config, drafter, max_batch=width, kv_budget_bytes=budget):
+            if r.error:
+                raise ValueError(f"prompt {i} {r.error.removeprefix('prompt ')}")
             text = tokenizer.decode(r.token_ids, skip_special_tokens=True)
-            stats = r.stats.as_dict()
-            all_stats.append(stats)
+            stats = stats_by_index[i] = r.stats.as_dict()
             if args.json:
-                print(json.dumps({"index": i, "prompt": prompts[i], "output": text, **stats}), flush=True)
+                print(json.dumps({"index": i, "prompt": prompts[i], "output": text, "width": width, **stats}), flush=True)
             else:
                 print(f"--- [{i}] {prompts[i] if isinstance(prompts[i], str) else prompts[i][-1]['content']}")
                 print(text.strip(), flush=True)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     wall = time.perf_counter() - t0
+    all_stats = [stats_by_index[i] for i in sorted(stats_by_index)]
     state = policy.state() if policy is not None else None
     if state is not None and args.registry and args.searcher == "conflayers":
         if state["phase"] == "search":
@@ -201,5 +227,5 @@ def main(argv: list[str] | None = None) -> int:
             mode = f"searcher {args.searcher}"
             print("searcher: " + json.dumps(state))
         print(f"\n{len(all_stats)} prompts, {total} tokens in {wall:.1f} s ({total / wall:.1f} tok/s), "
-              f"batch {args.batch_size}, {mode}, {args.model} on {args.device}")
+              f"width {width}{' (auto)' if args.batch_size == 'auto' else ''}, {mode}, {args.model} on {args.device}, kernels {engine.kernel_plan.name}")
     return 0

@@ -1,26 +1,35 @@
-"""Batched decoding with optional self-speculation, on an unmodified transformers causal LM.
+"""Continuous batching with optional self-speculation, on an unmodified transformers causal LM.
 
-One call of ``Engine.generate`` decodes B token-id prompts of any lengths:
+``Engine.stream`` decodes any number of prompts (a list or an iterator) with at most ``max_batch``
+rows in flight, in one slot cache (``kv.KVState``). Each round of the loop:
 
-1. prefill the left-padded batch with the full model and take each row's first token;
-2. per step: ask the drafter for up to k tokens per row (none = plain decoding for that row);
-3. roll back the drafter's KV writes and verify ``[last token, draft…]`` in one full forward;
+1. admit: free slots take the next prompts (all joiners of a round are prefilled together, in
+   chunks of about ``prefill_tokens`` tokens a forward, a decode step of the running rows between
+   chunks, so a long prompt never stalls the batch for more than one chunk); a joiner's first
+   token comes from its prefill, then it joins the decode rows;
+2. draft: the drafter proposes up to k tokens per decode row (none = plain decoding for that row);
+3. verify: forget the draft's KV writes and run ``[last token, draft…]`` through the full model;
 4. accept (greedy: longest matching prefix; sampling: the rejection rule) and commit ``a+1``
-   tokens per row, cut at stop tokens and the token budget;
-5. drop finished rows from the batch, so they stop costing work.
+   tokens per row, cut at stop tokens and the row's token budget;
+5. retire finished rows: their result is yielded and the last decode row moves into the freed
+   slot, so decode rows stay in the leading slots and no step gathers or re-copies the cache.
+
+``Engine.generate`` is the same loop over a list, returning results in input order.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from .accept import accept_greedy, accept_sampled, commit
 from .drafters import DraftContext, Drafter, NoDrafter, StepOutcome
-from .kv import KVState
+from .kernels import apply_kernels
+from .kv import KVState, kv_bytes_per_token
 from .layers import num_layers
 from .sampling import SamplingParams, sample, warp
 
@@ -92,9 +101,18 @@ class RowStats:
 
 
 @dataclass
+class Request:
+    """A prompt with its own token budget (``None``: the config's ``max_new_tokens``)."""
+
+    token_ids: list[int]
+    max_new_tokens: int | None = None
+
+
+@dataclass
 class RowResult:
     token_ids: list[int]
     stats: RowStats
+    error: str | None = None  # why the row was refused (``stream`` only; ``generate`` raises instead)
 
     @property
     def finish_reason(self) -> str | None:
@@ -115,52 +133,121 @@ def context_length(model) -> int:
 
 
 class Engine:
-    """Owns the model, one KV cache per ``generate`` call, and the decode loop."""
+    """Owns the model, one slot KV cache per ``stream`` call, and the decode loop.
 
-    def __init__(self, model):
+    ``kernels`` puts the model's linear layers on a kernel plan (``conflayers.kernels``): ``auto``
+    (default) = the fastest known path for the device and dtype, ``native`` = PyTorch's default,
+    ``onednn`` = prepacked oneDNN (CPU, float32/bfloat16). The plan is applied to the model in place.
+    """
+
+    def __init__(self, model, kernels: str = "auto"):
         self.model = model.eval()
         self.n_layers = num_layers(model)  # also rejects unsupported architectures
+        self.kernel_plan = apply_kernels(model, kernels)
         self.device = next(model.parameters()).device
         self.context = context_length(model)
         self.vocab = model.config.vocab_size
         self.pad_id = 0
+        self.bytes_per_token = kv_bytes_per_token(model)
 
     # -- input checks ---------------------------------------------------------------------
-    def _check_prompts(self, prompts: list[list[int]]) -> None:
+    def prompt_error(self, ids: list[int]) -> str | None:
+        """Why a prompt cannot be decoded, or None."""
+        if len(ids) == 0:
+            return "is empty"
+        if len(ids) >= self.context:
+            return (f"has {len(ids)} tokens; the model's context is {self.context} tokens "
+                    f"(the prompt must leave room for at least one new token)")
+        bad = [t for t in ids if not 0 <= int(t) < self.vocab]
+        if bad:
+            return f"has token ids outside the vocabulary [0, {self.vocab}): {bad[:5]}"
+        return None
+
+    def _check_prompts(self, prompts: list) -> None:
         if not prompts:
             raise ValueError("no prompts given")
-        for i, ids in enumerate(prompts):
-            if len(ids) == 0:
-                raise ValueError(f"prompt {i} is empty")
-            if len(ids) >= self.context:
-                raise ValueError(
-                    f"prompt {i} has {len(ids)} tokens; the model's context is {self.context} tokens "
-                    f"(the prompt must leave room for at least one new token)"
-                )
-            bad = [t for t in ids if not 0 <= int(t) < self.vocab]
-            if bad:
-                raise ValueError(f"prompt {i} has token ids outside the vocabulary [0, {self.vocab}): {bad[:5]}")
+        for i, p in enumerate(prompts):
+            err = self.prompt_error(p.token_ids if isinstance(p, Request) else p)
+            if err:
+                raise ValueError(f"prompt {i} {err}")
 
     # -- 1. prefill -------------------------------------------------------------------------
-    def _prefill(self, prompts: list[list[int]]) -> tuple[KVState, torch.Tensor]:
-        B, T = len(prompts), max(len(p) for p in prompts)
-        tokens = torch.full((B, T), self.pad_id, dtype=torch.long, device=self.device)
-        valid = torch.zeros(B, T, dtype=torch.bool, device=self.device)
-        for i, ids in enumerate(prompts):  # left padding: every row's last token sits in column T-1
-            tokens[i, T - len(ids) :] = torch.as_tensor(ids, dtype=torch.long)
-            valid[i, T - len(ids) :] = True
-        kv = KVState(self.model, valid=torch.zeros(B, 0, dtype=torch.bool, device=self.device), next_pos=valid.sum(1))
-        positions = (valid.long().cumsum(1) - 1).clamp(min=0)
-        logits = kv.forward(tokens, logits_to_keep=1, token_valid=valid, positions=positions)
-        kv.valid, kv.pending = valid, 0
-        return kv, logits[:, -1]
+    def _prefill_chunk(self, kv: KVState, lo: int, rows: list["_Row"], chunk: int) -> dict[int, torch.Tensor]:
+        """One forward over the next ``chunk`` prompt tokens of joiners in slots ``[lo, lo+len(rows))``
+        (rows sorted longest prompt first, so the ones with prompt left are a prefix); returns
+        {row position: last-token logits} for the rows whose prompt ends in this chunk."""
+        rows = [r for r in rows if r.prefilled < len(r.prompt)]
+        segs = [r.prompt[r.prefilled : r.prefilled + chunk] for r in rows]
+        width = max(map(len, segs))
+        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
+        for t, seg in enumerate(segs):
+            tokens[t, : len(seg)] = torch.as_tensor(seg, dtype=torch.long)
+        offsets = torch.tensor([r.prefilled for r in rows], device=self.device)
+        ending = {t: len(seg) - 1 for t, (r, seg) in enumerate(zip(rows, segs)) if r.prefilled + len(seg) == len(r.prompt)}
+        keep = sorted(set(ending.values()))
+        logits = torch.empty(0)
+        if keep:  # logits only at the columns where some row's prompt ends
+            logits = kv.forward(tokens, logits_to_keep=torch.tensor(keep, device=self.device),
+                                rows=(lo, lo + len(rows)), offsets=offsets)
+        else:
+            kv.forward(tokens, logits_to_keep=1, rows=(lo, lo + len(rows)), offsets=offsets)
+        for r, seg in zip(rows, segs):
+            r.prefilled += len(seg)
+        return {t: logits[t, keep.index(col)] for t, col in ending.items()}
+
+    @torch.inference_mode()
+    def prefill(self, prompts: list[list[int]]) -> tuple[KVState, torch.Tensor]:
+        """A cache holding ``prompts`` as decode rows (in order), and each row's last-token logits."""
+        self._check_prompts(prompts)
+        rows = [_Row(i, list(p), 1) for i, p in enumerate(prompts)]
+        longest = max(map(len, prompts))
+        kv = KVState(self.model, slots=len(prompts), columns=longest + 16)
+        out = self._prefill_chunk(kv, 0, rows, longest)  # one chunk: every prompt ends in it
+        kv.lengths[:] = torch.tensor([len(p) for p in prompts])
+        kv.n = len(prompts)
+        return kv, torch.stack([out[t] for t in range(len(rows))])
 
     # -- the loop -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def generate(
-        self, prompts: list[list[int]], config: GenerationConfig = GenerationConfig(), drafter: Drafter | None = None
+        self,
+        prompts: list,
+        config: GenerationConfig = GenerationConfig(),
+        drafter: Drafter | None = None,
+        max_batch: int | None = None,
+        prefill_tokens: int = 512,
     ) -> list[RowResult]:
+        """Decode every prompt (token-id lists or ``Request``s); results in input order. Bad input
+        raises ``ValueError`` before anything runs. ``max_batch`` None: all rows in flight at once."""
         self._check_prompts(prompts)
+        out: list[RowResult | None] = [None] * len(prompts)
+        for i, r in self.stream(prompts, config, drafter, max_batch or len(prompts), prefill_tokens):
+            out[i] = r
+        return out
+
+    @torch.inference_mode()
+    def stream(
+        self,
+        prompts: Iterable,
+        config: GenerationConfig = GenerationConfig(),
+        drafter: Drafter | None = None,
+        max_batch: int = 8,
+        prefill_tokens: int = 512,
+        kv_budget_bytes: int | None = None,
+    ) -> Iterator[tuple[int, RowResult]]:
+        """Continuous batching: yields ``(input index, RowResult)`` as rows finish. A prompt that cannot
+        run (empty, over the context, out of vocabulary, or over the KV budget at this width) yields
+        a result with ``error`` set and finish_reason ``error``."""
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if prefill_tokens < 1:
+            raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens!r}")
+        column_limit = None
+        if kv_budget_bytes is not None:
+            column_limit = kv_budget_bytes // (max_batch * self.bytes_per_token)
+            if column_limit < 2:
+                raise ValueError(
+                    f"a KV cache of {max_batch} rows does not fit the budget of {kv_budget_bytes / 2**30:.2f} GiB "
+                    f"({self.bytes_per_token} bytes per token and row): lower the width or raise the budget")
         drafter = drafter or NoDrafter()
         sp = config.sampling
         stop_ids = frozenset(config.stop_token_ids if config.stop_token_ids is not None else model_eos_ids(self.model))
@@ -169,40 +256,74 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(config.seed if config.seed is not None else int(torch.seed() % (1 << 62)))
 
-        B = len(prompts)
-        results = [RowResult([], RowStats()) for _ in range(B)]
-        budget = [min(config.max_new_tokens, self.context - len(p)) for p in prompts]
-        histories = [list(map(int, p)) for p in prompts]
+        queue = enumerate(prompts)
+        kv = KVState(self.model, slots=max_batch)
+        self.last_stream = {"max_batch": max_batch, "kv_bytes": 0}  # for benchmarks: the cache's final size
+        rows: list[_Row] = []  # decode rows; rows[s] lives in slot s
+        joiners: list[_Row] = []  # being prefilled, in slots [jlo, jlo + len(joiners))
+        jlo = 0
+        exhausted = False
 
-        t0 = time.perf_counter()
-        kv, logits = self._prefill(prompts)
-        first = logits.argmax(-1) if sp.greedy else sample(warp(logits, sp), gen)
-        prefill_s = time.perf_counter() - t0
-
-        rows = list(range(B))  # batch position -> original row
-        last = first
-        for i in rows:
-            toks, reason = commit([], 0, int(first[i]), stop_ids, budget[i])
-            results[i].token_ids += toks
-            histories[i] += toks
-            results[i].stats.new_tokens = len(toks)
-            results[i].stats.prefill_seconds = prefill_s
-            results[i].stats.finish_reason = reason
+        def first_token(r: _Row, logits: torch.Tensor) -> None:
+            tok = logits.argmax(-1) if sp.greedy else sample(warp(logits[None], sp), gen)[0]
+            toks, reason = commit([], 0, int(tok), stop_ids, r.budget)
+            r.add(toks, reason)
+            r.last = int(tok)
 
         while True:
-            alive = [b for b, i in enumerate(rows) if results[i].stats.finish_reason is None]
-            if not alive:
-                break
-            if len(alive) < len(rows):
-                idx = torch.tensor(alive, device=self.device)
-                kv.select(idx)
-                last = last[idx]
-                rows = [rows[b] for b in alive]
+            # 1. admit and prefill
+            if not joiners and not exhausted:
+                free = max_batch - len(rows)
+                while len(joiners) < free:
+                    nxt = next(queue, None)
+                    if nxt is None:
+                        exhausted = True
+                        break
+                    i, p = nxt
+                    req = p if isinstance(p, Request) else Request(list(p))
+                    ids = list(map(int, req.token_ids))
+                    n_new = req.max_new_tokens or config.max_new_tokens
+                    err = self.prompt_error(ids)
+                    if err is None and column_limit is not None and len(ids) + n_new > column_limit:
+                        err = (f"needs {len(ids) + n_new} KV positions (prompt + max new tokens); the KV budget allows "
+                               f"{column_limit} per row at width {max_batch}")
+                    if err is not None:
+                        yield i, RowResult([], RowStats(finish_reason="error"), error=f"prompt {err}")
+                        continue
+                    joiners.append(_Row(i, ids, min(n_new, self.context - len(ids))))
+                joiners.sort(key=lambda r: -len(r.prompt))
+                jlo = len(rows)
+            if joiners:
+                t0 = time.perf_counter()
+                per_row = max(16, prefill_tokens // len(joiners))
+                for t, logits in self._prefill_chunk(kv, jlo, joiners, per_row).items():
+                    first_token(joiners[t], logits)
+                dt = time.perf_counter() - t0
+                for r in joiners:
+                    r.result.stats.prefill_seconds += dt
+                if all(r.prefilled == len(r.prompt) for r in joiners):
+                    for t, r in enumerate(joiners):
+                        kv.lengths[jlo + t] = len(r.prompt)
+                        if r.done:
+                            yield r.index, r.result
+                        else:
+                            kv.move(jlo + t, len(rows))
+                            rows.append(r)
+                    joiners = []
+                    kv.n = len(rows)
+            if not rows:
+                if joiners:
+                    continue
+                if exhausted:
+                    self.last_stream["kv_bytes"] = kv.storage_bytes()
+                    return
+                continue
 
             # 2. draft
             step_t0 = time.perf_counter()
-            remaining = torch.tensor([budget[i] - len(results[i].token_ids) for i in rows], device=self.device)
-            ctx = DraftContext(kv, last, [histories[i] for i in rows], remaining - 1, sp, gen, stop_ids)
+            last = torch.tensor([r.last for r in rows], device=self.device)
+            remaining = torch.tensor([r.budget - len(r.result.token_ids) for r in rows], device=self.device)
+            ctx = DraftContext(kv, last, [r.history for r in rows], remaining - 1, sp, gen, stop_ids)
             prop = drafter.propose(ctx)
             # 3. verify
             kv.rollback()
@@ -221,19 +342,17 @@ class Engine:
             step_t1 = time.perf_counter()
 
             drafts = prop.tokens.tolist()
+            a_list, y_list, lens = a.tolist(), y.tolist(), prop.lens.tolist()
             committed = []
-            for b, i in enumerate(rows):
-                toks, reason = commit(drafts[b], int(a[b]), int(y[b]), stop_ids, budget[i] - len(results[i].token_ids))
-                st = results[i].stats
-                results[i].token_ids += toks
-                histories[i] += toks
-                st.new_tokens += len(toks)
-                st.record_step(int(prop.lens[b]), int(a[b]), prop.skip)
+            for b, r in enumerate(rows):
+                toks, reason = commit(drafts[b], a_list[b], y_list[b], stop_ids, r.budget - len(r.result.token_ids))
+                st = r.result.stats
+                r.add(toks, reason)
+                r.last = y_list[b]
+                st.record_step(lens[b], a_list[b], prop.skip)
                 st.draft_passes += prop.passes
                 st.decode_seconds += step_t1 - step_t0
-                st.finish_reason = reason
                 committed.append(len(toks))
-            last = y
             drafter.observe(
                 StepOutcome(
                     lens=prop.lens,
@@ -242,9 +361,43 @@ class Engine:
                     skip=prop.skip,
                     draft_seconds=verify_t0 - step_t0,
                     verify_seconds=step_t1 - verify_t0,
-                    histories=[histories[i] for i in rows],
-                    generated=[len(results[i].token_ids) for i in rows],
-                    budget=[budget[i] for i in rows],
+                    histories=[r.history for r in rows],
+                    generated=[len(r.result.token_ids) for r in rows],
+                    budget=[r.budget for r in rows],
                 )
             )
-        return results
+            # 5. retire: the last decode row moves into each freed slot
+            for s in sorted((s for s, r in enumerate(rows) if r.done), reverse=True):
+                yield rows[s].index, rows[s].result
+                end = len(rows) - 1
+                if s != end:
+                    kv.move(end, s)
+                    rows[s] = rows[end]
+                rows.pop()
+            kv.n = len(rows)
+
+
+@dataclass
+class _Row:
+    """A row in flight: its prompt, budget, history and result so far."""
+
+    index: int
+    prompt: list[int]
+    budget: int
+    prefilled: int = 0
+    last: int = 0
+    result: RowResult = field(default_factory=lambda: RowResult([], RowStats()))
+    history: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.history = list(self.prompt)
+
+    @property
+    def done(self) -> bool:
+        return self.result.stats.finish_reason is not None
+
+    def add(self, toks: list[int], reason: str | None) -> None:
+        self.result.token_ids += toks
+        self.history += toks
+        self.result.stats.new_tokens += len(toks)
+        self.result.stats.finish_reason = reason

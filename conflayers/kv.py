@@ -1,133 +1,183 @@
-"""The engine's one KV cache, shared by draft and verify passes.
+"""The engine's one KV cache, shared by draft and verify passes: preallocated slots, per-row lengths.
 
-Storage is append-only and position-addressed: every forward appends its tokens as new storage
-columns of a transformers ``DynamicCache``; a per-row ``valid`` mask says which columns are real
-context for that row, and each row keeps its own next position (rows of a batch accept different
-numbers of tokens per step). Rejected draft columns are masked, never copied out; draft-only
-writes are dropped by truncating back to the committed length (``rollback``). When masked
-columns pile up, ``compact`` gathers each row's valid columns together again.
+Storage is one ``[slots, kv_heads, columns, head_dim]`` tensor pair per layer (nanochat / gpt-fast
+style). A row lives in a slot; column ``c`` of the slot holds the row's token at position ``c``,
+and ``lengths[slot]`` is how many of its tokens are committed. A forward of ``q`` tokens writes
+each row's keys and values in place at ``lengths + pending … + q - 1`` (nothing is re-copied), and
+a row attends to exactly the columns below its own query position, so whatever lies past its
+length (rejected drafts, a previous occupant's tokens, padding of a batched prefill) is never
+seen, and the next write simply overwrites it:
 
-The attention mask handed to the model is a ready 4D additive mask, which transformers models
-use as given, so the model's own mask construction never has to understand the holes.
+- ``forward`` runs the model (under whatever layer plan is active) over the decode rows, slots
+  ``[0, n)``, or over a given slot range (joiners being prefilled);
+- ``rollback`` forgets draft writes (``pending = 0``); ``commit(a)`` advances each row by ``a + 1``;
+- ``move(src, dst)`` relocates a row (the engine keeps decode rows in the leading slots);
+- columns grow by doubling when the longest row needs more (amortised O(1) per token); slots are
+  fixed at construction, and ``bytes_per_token`` lets the caller budget them.
+
+The attention mask handed to the model is a ready 4D mask, which transformers models use as given.
+The cache plugs into the model through transformers' public ``Cache`` / ``CacheLayerMixin`` API.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from .layers import num_layers
+
+
+def kv_bytes_per_token(model) -> int:
+    """Bytes of keys + values one token of one row occupies, over all layers."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+    return 2 * num_layers(model) * kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class SlotLayer(CacheLayerMixin):
+    """One decoder layer's slot storage; writes and reads go through the owning ``KVState``."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, state: "KVState"):
+        super().__init__()
+        self.state = state
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        _, heads, _, dim = key_states.shape
+        shape = (self.state.slots, heads, self.state.columns, dim)
+        self.keys = key_states.new_zeros(shape)
+        self.values = value_states.new_zeros(shape)
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        st = self.state
+        lo, hi = st.active
+        rows, cols = st.write_index
+        self.keys[rows, :, cols] = key_states.transpose(1, 2)
+        self.values[rows, :, cols] = value_states.transpose(1, 2)
+        return self.keys[lo:hi, :, : st.read_len], self.values[lo:hi, :, : st.read_len]
+
+    def grow(self, columns: int) -> None:
+        if self.is_initialized:
+            for name in ("keys", "values"):
+                old = getattr(self, name)
+                new = old.new_zeros(old.shape[0], old.shape[1], columns, old.shape[3])
+                new[:, :, : old.shape[2]] = old
+                setattr(self, name, new)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.state.read_len, 0
+
+    def get_seq_length(self) -> int:
+        return self.state.read_len
+
+    def get_max_length(self) -> int:
+        return -1
 
 
 class KVState:
-    def __init__(self, model, valid: torch.Tensor, next_pos: torch.Tensor):
+    def __init__(self, model, slots: int, columns: int = 16):
         self.model = model
-        self.cache = DynamicCache()
-        self.valid = valid  # [B, T] bool: committed storage columns that are context for the row
-        self.next_pos = next_pos  # [B] long: position id of the row's next token
-        self.pending = 0  # columns appended since the last commit (draft writes)
-        self.dtype = next(model.parameters()).dtype
+        self.slots = slots
+        self.columns = max(1, columns)
+        self.n_layers = num_layers(model)
+        self.device = next(model.parameters()).device
+        self.dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
+        self.layers = [SlotLayer(self) for _ in range(self.n_layers)]
+        self.cache = Cache(layers=self.layers)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=self.device)  # committed tokens per slot
+        self.n = 0  # decode rows occupy slots [0, n)
+        self.pending = 0  # columns written past ``lengths`` since the last commit (draft writes)
+        # set per forward, read by the layers
+        self.active = (0, 0)
+        self.write_index: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.read_len = 0
         # eager attention adds the mask to the scores; SDPA (the default) also accepts booleans
         self.additive_mask = getattr(model.config, "_attn_implementation", "eager") != "sdpa"
 
     @property
-    def committed_len(self) -> int:
-        return self.valid.shape[1]
-
-    @property
     def batch_size(self) -> int:
-        return self.valid.shape[0]
+        return self.n
 
-    def _layers(self):
-        return [layer for layer in self.cache.layers if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+    def _ensure_columns(self, needed: int) -> None:
+        if needed <= self.columns:
+            return
+        new = -(-max(needed, 2 * self.columns) // 16) * 16
+        for layer in self.layers:
+            layer.grow(new)
+        self.columns = new
 
-    def attention_mask(self, q_len: int, new_valid: torch.Tensor) -> torch.Tensor:
-        """[B, 1, q, kv] mask (boolean for SDPA, additive otherwise): causal over storage order,
-        restricted to valid columns."""
-        kv_valid = torch.cat([self.valid, new_valid], dim=1)
-        kv_len = kv_valid.shape[1]
-        device = kv_valid.device
-        q_idx = torch.arange(kv_len - q_len, kv_len, device=device)
-        causal = torch.arange(kv_len, device=device)[None, :] <= q_idx[:, None]
-        allowed = causal[None] & kv_valid[:, None, :]
-        allowed[:, torch.arange(q_len, device=device), q_idx] = True  # a padding query still sees itself
-        if not self.additive_mask:  # SDPA takes a boolean mask (True = attend): cheaper than an additive one
+    def attention_mask(self, positions: torch.Tensor, kv_len: int) -> torch.Tensor:
+        """[B, 1, q, kv_len] mask (boolean for SDPA, additive otherwise): a query at position p sees its
+        row's columns 0..p and nothing else."""
+        allowed = torch.arange(kv_len, device=positions.device)[None, None, :] <= positions[:, :, None]
+        if not self.additive_mask:
             return allowed[:, None]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=device)
+        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=positions.device)
         return mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)[:, None]
 
     def forward(
         self,
         tokens: torch.Tensor,
-        logits_to_keep: int = 0,
-        token_valid: torch.Tensor | None = None,
-        positions: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        rows: tuple[int, int] | None = None,
+        offsets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Run the model (under whatever layer plan is active) over ``tokens`` [B, q] appended after
-        everything in storage; returns logits [B, q or logits_to_keep, V].
+        """Run the model over ``tokens`` [B, q]; returns logits [B, q or len(logits_to_keep), V].
 
-        By default the new tokens are all real and numbered on from each row's next position;
-        prefill passes ``token_valid`` (padding) and ``positions`` explicitly.
-        """
+        By default the rows are the decode rows (slots ``[0, n)``) and the new tokens continue each
+        row after its committed and pending tokens. Prefill passes a slot range ``rows`` and each
+        row's write ``offsets`` (the prompt tokens it already has)."""
         B, q = tokens.shape
-        if token_valid is None:
-            token_valid = torch.ones(B, q, dtype=torch.bool, device=tokens.device)
-        pending_valid = torch.ones(B, self.pending, dtype=torch.bool, device=tokens.device)
-        mask = self.attention_mask(q, torch.cat([pending_valid, token_valid], dim=1))
-        if positions is None:
-            positions = self.next_pos[:, None] + self.pending + torch.arange(q, device=tokens.device)[None, :]
+        lo, hi = rows if rows is not None else (0, self.n)
+        if hi - lo != B:
+            raise ValueError(f"{B} token rows for slots [{lo}, {hi})")
+        if offsets is None:
+            offsets = self.lengths[lo:hi] + self.pending
+        positions = offsets[:, None] + torch.arange(q, device=tokens.device)[None, :]
+        kv_len = int(offsets.max()) + q
+        self._ensure_columns(kv_len)
+        slot_idx = torch.arange(lo, hi, device=tokens.device)[:, None].expand(B, q)
+        self.active, self.write_index, self.read_len = (lo, hi), (slot_idx, positions), kv_len
         out = self.model(
             input_ids=tokens,
-            attention_mask=mask,
+            attention_mask=self.attention_mask(positions, kv_len),
             position_ids=positions,
             past_key_values=self.cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
         )
-        self.pending += q
+        if rows is None:
+            self.pending += q
         return out.logits
 
     def rollback(self) -> None:
-        """Drop every column written since the last commit (draft KV, in every layer that wrote any)."""
-        T = self.committed_len
-        for layer in self._layers():
-            if layer.keys.shape[-2] > T:
-                layer.keys = layer.keys[..., :T, :]
-                layer.values = layer.values[..., :T, :]
+        """Forget every column written since the last commit (draft KV): the next write overwrites it."""
         self.pending = 0
 
     def commit(self, accepted: torch.Tensor) -> None:
-        """After a verify forward of width ``w``: row i keeps its first ``accepted[i] + 1`` new columns
-        (the last committed token and the accepted drafts); the rest stay in storage, masked."""
-        w = self.pending
-        keep = torch.arange(w, device=accepted.device)[None, :] <= accepted[:, None]
-        self.valid = torch.cat([self.valid, keep], dim=1)
-        self.next_pos = self.next_pos + accepted + 1
+        """After a verify forward: decode row i keeps its first ``accepted[i] + 1`` new columns (the last
+        committed token and the accepted drafts); what lies past them is never read again."""
+        self.lengths[: self.n] += accepted + 1
         self.pending = 0
-        if self.committed_len > 32 and self.committed_len > 1.5 * int(self.valid.sum(1).max()) + 16:
-            self.compact()
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only these rows of the batch (finished rows stop costing work)."""
-        self.rollback()
-        for layer in self._layers():
-            layer.keys = layer.keys[rows]
-            layer.values = layer.values[rows]
-        self.valid = self.valid[rows]
-        self.next_pos = self.next_pos[rows]
-        self.compact()
-
-    def compact(self) -> None:
-        """Gather each row's valid columns together, right-aligned, dropping the masked ones."""
-        counts = self.valid.sum(1)
-        new_len = int(counts.max()) if counts.numel() else 0
-        if new_len == self.committed_len:
+    def move(self, src: int, dst: int) -> None:
+        """Copy the row in slot ``src`` to slot ``dst`` (its committed columns and length)."""
+        if src == dst:
             return
-        T = self.committed_len
-        # sort key: invalid columns first, then valid ones in storage order (stable)
-        key = self.valid.long() * (T + 1) + torch.arange(T, device=self.valid.device)[None, :]
-        order = key.argsort(dim=1)[:, T - new_len :]
-        for layer in self._layers():
-            B, H, _, D = layer.keys.shape
-            idx = order[:, None, :, None].expand(B, H, new_len, D)
-            layer.keys = layer.keys.gather(2, idx)
-            layer.values = layer.values.gather(2, idx)
-        self.valid = self.valid.gather(1, order)
+        length = int(self.lengths[src])
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.keys[dst, :, :length] = layer.keys[src, :, :length]
+                layer.values[dst, :, :length] = layer.values[src, :, :length]
+        self.lengths[dst] = length
+
+    def storage_bytes(self) -> int:
+        return sum(l.keys.numel() * l.keys.element_size() * 2 for l in self.layers if l.is_initialized)

@@ -50,6 +50,7 @@ class BenchConfig:
     model: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     device: str = "cpu"
+    kernels: str = "auto"  # linear kernels for every method, transformers generate included: auto | native | onednn
     stop_threshold: float = 0.8
     max_draft: int = 8
     prompt_lookup_num_tokens: int = 10
@@ -141,7 +142,7 @@ class Runner:
     def __init__(self, cfg: BenchConfig):
         self.cfg = cfg
         self.model, self.tok = load_model(cfg.model, cfg.dtype, cfg.device)
-        self.engine = Engine(self.model)
+        self.engine = Engine(self.model, cfg.kernels)  # the model is shared: generate runs on the same kernels
         self.eos = set(self.engine.model.generation_config.eos_token_id if isinstance(
             self.engine.model.generation_config.eos_token_id, list) else [self.engine.model.generation_config.eos_token_id])
         # one searcher per (method, batch size): it learns over the whole run, as a pipeline actor's

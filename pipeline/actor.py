@@ -1,14 +1,17 @@
 """The generation stage: a callable class for ``Dataset.map_batches`` (one instance per Ray actor).
 
-Per actor: the model is loaded once, and one skip-set policy is kept per dataset (started from the
-coordinator's cluster-wide best set when it has one). Per batch:
+Per actor: the model is loaded once, the in-flight width is chosen once (``engine.max_batch``;
+``auto`` measures it), and one skip-set policy is kept per dataset (started from the coordinator's
+cluster-wide best set when it has one). Per batch (hundreds of rows):
 
 1. turn each row into token ids; unusable rows (too long, bad prompt) become error rows;
-2. group rows by (dataset, token budget), sort each group by prompt length and cut it into engine
-   batches, so one long prompt does not pad the others;
-3. decode every engine batch under the dataset's policy; the rows picked for the baseline (a
-   fraction, and at least a few per dataset) form their own engine batches, which are decoded a
-   second time with plain decoding: same actor, same batch shape;
+2. group rows by dataset: a layer-skip draft pass runs one skip set for the whole forward, so rows
+   of different datasets (different policies) do not share a decode batch; each dataset's rows
+   stream through the continuous engine in turn, every row with its own token budget, freed
+   slots refilled at once;
+3. the rows picked for the baseline (a fraction, and at least a few per dataset) stream on their
+   own, once under the dataset's policy and once with plain decoding: same actor, same rows,
+   same width;
 4. report the batch's observations to the coordinator, write the batch's rows to one Parquet file
    whose name depends only on the batch's ids (a retried batch rewrites the same file), and
    return them.
@@ -100,7 +103,18 @@ class GenerationActor:
             torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
         self.accelerator = torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu"
         self.model, self.tokenizer = load_model(cfg.model.source, cfg.model.dtype, self.device)
-        self.engine = Engine(self.model)
+        self.engine = Engine(self.model, cfg.model.kernels)
+        e = cfg.engine
+        self.kv_budget = None if e.kv_cache_gb is None else int(e.kv_cache_gb * 2**30)
+        if e.max_batch == "auto":
+            from conflayers.width import choose_width
+
+            choice = choose_width(self.engine, self.kv_budget, row_tokens=cfg.generation.max_tokens + 1024)
+            self.width = choice.width
+            log.warning("actor width %d (auto; measured plain decode tok/s by width: %s)", self.width,
+                        {w: round(v, 1) for w, v in choice.tokens_per_s.items()})
+        else:
+            self.width = int(e.max_batch)
         self.model_id = model_identity(self.model)
         self.actor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.policies: dict[str, object] = {}
@@ -156,17 +170,25 @@ class GenerationActor:
                                                f"{self.engine.context} tokens")
         return ids
 
-    def _decode(self, ids: list[list[int]], max_new: int, drafter):
+    def _decode(self, items: list[tuple[int, object]], drafter):
+        """Stream (row index, Request) items through the engine; returns ({row index: result}, wall)."""
         t0 = time.perf_counter()
-        results = self.engine.generate(ids, self._gen_config(max_new), drafter)
+        results = {}
+        stream = self.engine.stream([req for _, req in items], self._gen_config(self.cfg.generation.max_tokens),
+                                    drafter, max_batch=min(self.width, len(items)),
+                                    prefill_tokens=self.cfg.engine.prefill_tokens, kv_budget_bytes=self.kv_budget)
+        for j, r in stream:
+            results[items[j][0]] = r
         return results, time.perf_counter() - t0
 
     # -- the batch ------------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from conflayers import Request
+
         self._crash_once()
         rows = batch.to_pylist()
         out: list[dict] = []
-        todo: dict[tuple[str, int], list[tuple[int, list[int]]]] = defaultdict(list)
+        todo: dict[str, list[tuple[int, Request]]] = defaultdict(list)
         for row in rows:
             rec = {k: row.get(k) for k in ("id", "dataset", "prompt", "messages", "reference", "max_tokens",
                                            "error_type", "error_message")}
@@ -182,14 +204,14 @@ class GenerationActor:
                 else:
                     rec["num_input_tokens"] = len(ids)
                     max_new = rec["max_tokens"] or self.cfg.generation.max_tokens
-                    todo[(rec["dataset"], max_new)].append((len(out) - 1, ids))
+                    todo[rec["dataset"]].append((len(out) - 1, Request(ids, max_new)))
         errors = [r for r in out if r["error_type"]]
         if errors and self.cfg.fail_fast:
             e = errors[0]
             raise RuntimeError(f"fail_fast: row {e['id']!r} ({e['dataset']}): {e['error_type']}: {e['error_message']}")
 
         per_dataset: dict[str, dict] = defaultdict(lambda: Counter())
-        for (dataset, max_new), items in todo.items():
+        for dataset, items in todo.items():
             policy = self._policy(dataset)
             drafter = self._drafter(policy)
             b = self.cfg.baseline
@@ -203,30 +225,34 @@ class GenerationActor:
                     rest.append(item)
             obs = per_dataset[dataset]
             for group, is_base in ((base, True), (rest, False)):
-                group = sorted(group, key=lambda it: len(it[1]))
-                n = self.cfg.ray.engine_batch_size
-                for start in range(0, len(group), n):
-                    chunk = group[start : start + n]
-                    ids = [it[1] for it in chunk]
-                    results, secs = self._decode(ids, max_new, drafter)
-                    for (i, _), r in zip(chunk, results):
-                        self._fill(out[i], r, secs / len(chunk), policy)
-                        obs["tokens"] += r.stats.new_tokens
-                        obs["steps"] += r.stats.steps
-                        obs["drafted"] += r.stats.drafted
-                        obs["accepted"] += r.stats.accepted
-                    obs["seconds"] += secs
-                    obs["rows"] += len(chunk)
-                    if is_base:
-                        plain, psecs = self._decode(ids, max_new, self._drafter(None))
-                        for (i, _), r in zip(chunk, plain):
-                            rec = out[i]
-                            rec["baseline"] = True
-                            rec["baseline_num_generated_tokens"] = r.stats.new_tokens
-                            rec["baseline_compute_seconds"] = psecs / len(chunk)
-                            rec["baseline_exact_match"] = list(r.token_ids) == list(rec.pop("_token_ids"))
-                            obs["baseline_tokens"] += r.stats.new_tokens
-                        obs["baseline_seconds"] += psecs
+                if not group:
+                    continue
+                results, secs = self._decode(group, drafter)
+                tokens = sum(r.stats.new_tokens for r in results.values()) or 1
+                for i, r in results.items():
+                    if r.error:
+                        out[i]["error_type"], out[i]["error_message"] = "kv_budget", r.error
+                        continue
+                    # a row's share of the stream's wall time is its share of the tokens generated
+                    self._fill(out[i], r, secs * r.stats.new_tokens / tokens, policy)
+                    obs["tokens"] += r.stats.new_tokens
+                    obs["steps"] += r.stats.steps
+                    obs["drafted"] += r.stats.drafted
+                    obs["accepted"] += r.stats.accepted
+                    obs["rows"] += 1
+                obs["seconds"] += secs
+                if is_base:
+                    ok = [(i, req) for i, req in group if not results[i].error]
+                    plain, psecs = self._decode(ok, self._drafter(None)) if ok else ({}, 0.0)
+                    ptokens = sum(r.stats.new_tokens for r in plain.values()) or 1
+                    for i, r in plain.items():
+                        rec = out[i]
+                        rec["baseline"] = True
+                        rec["baseline_num_generated_tokens"] = r.stats.new_tokens
+                        rec["baseline_compute_seconds"] = psecs * r.stats.new_tokens / ptokens
+                        rec["baseline_exact_match"] = list(r.token_ids) == list(rec.pop("_token_ids"))
+                        obs["baseline_tokens"] += r.stats.new_tokens
+                    obs["baseline_seconds"] += psecs
             obs["search_iterations"] = search_iterations(policy)
             obs["skip_set"] = current_set(policy)
             obs["settled"] = is_settled(policy)

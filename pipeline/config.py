@@ -14,6 +14,7 @@ FORMATS = ("records", "specbench", "gsm8k")
 FILE_FORMATS = ("auto", "jsonl", "parquet", "csv")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
+KERNELS = ("auto", "native", "onednn")  # conflayers.kernels.KERNELS (kept import-free for the driver)
 
 
 @dataclass
@@ -21,6 +22,7 @@ class ModelConfig:
     source: str = "smollm2-135m-instruct"
     dtype: str = "float32"
     device: str = "auto"
+    kernels: str = "auto"  # auto (fastest known for the device) | native (PyTorch's default) | onednn
 
 
 @dataclass
@@ -74,11 +76,17 @@ class BaselineConfig:
 
 
 @dataclass
+class EngineConfig:
+    max_batch: Any = "auto"  # rows in flight per actor: "auto" (measured, within kv_cache_gb) or an integer
+    kv_cache_gb: Optional[float] = None  # KV budget per actor; None: half of free memory (free GPU memory on CUDA)
+    prefill_tokens: int = 512  # tokens per prefill forward of joining rows (a decode step runs between chunks)
+
+
+@dataclass
 class RayConfig:
     address: Optional[str] = None  # None: $RAY_ADDRESS if set, else a local Ray
     concurrency: int = 1
-    batch_size: int = 8
-    engine_batch_size: int = 8
+    batch_size: int = 256
     num_cpus_per_actor: float = 1.0
     max_restarts: int = 3
     max_task_retries: int = 3
@@ -96,6 +104,7 @@ class PipelineConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -112,6 +121,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     _check(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
     _check(cfg.model.device in DEVICES, "model.device", f"must be one of {DEVICES}, got {cfg.model.device!r}")
     _check(bool(cfg.model.source), "model.source", "must not be empty")
+    _check(cfg.model.kernels in KERNELS, "model.kernels", f"must be one of {KERNELS}, got {cfg.model.kernels!r}")
     _check(cfg.input.format in FORMATS, "input.format", f"must be one of {FORMATS}, got {cfg.input.format!r}")
     _check(cfg.input.file_format in FILE_FORMATS, "input.file_format",
            f"must be one of {FILE_FORMATS}, got {cfg.input.file_format!r}")
@@ -138,7 +148,12 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     r = cfg.ray
     _check(r.concurrency >= 1, "ray.concurrency", f"must be >= 1, got {r.concurrency}")
     _check(r.batch_size >= 1, "ray.batch_size", f"must be >= 1, got {r.batch_size}")
-    _check(r.engine_batch_size >= 1, "ray.engine_batch_size", f"must be >= 1, got {r.engine_batch_size}")
+    e = cfg.engine
+    _check(e.max_batch == "auto" or (isinstance(e.max_batch, int) and not isinstance(e.max_batch, bool)
+                                     and e.max_batch >= 1),
+           "engine.max_batch", f"must be auto or an integer >= 1, got {e.max_batch!r}")
+    _check(e.kv_cache_gb is None or e.kv_cache_gb > 0, "engine.kv_cache_gb", f"must be > 0, got {e.kv_cache_gb}")
+    _check(e.prefill_tokens >= 1, "engine.prefill_tokens", f"must be >= 1, got {e.prefill_tokens}")
     _check(r.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", f"must be > 0, got {r.num_cpus_per_actor}")
     _check(r.max_restarts >= -1, "ray.max_restarts", f"must be >= -1 (-1 = forever), got {r.max_restarts}")
     _check(r.max_task_retries >= -1, "ray.max_task_retries", f"must be >= -1, got {r.max_task_retries}")

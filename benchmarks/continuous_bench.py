@@ -1,0 +1,167 @@
+"""Continuous batching benchmark on the bundled SmolLM2: throughput against width.
+
+Methods, all greedy with a fixed token budget (no stop tokens, so every method does equal work):
+- ``generate b8``: transformers ``generate`` on padded batches of 8;
+- ``static b8``: the engine on fixed batches of 8 (finished rows leave, nothing refills: the
+  engine before continuous batching);
+- ``continuous wN``: one ``Engine.stream`` over all prompts with N rows in flight, for each
+  ``--widths`` entry and ``auto`` (``conflayers.width.choose_width``);
+- ``ceiling wN``: tokens/s of bare plain decode forwards at width N after a ~200-token context
+  (no prefill, no sampling, no bookkeeping): the most the engine could do at that width.
+
+The prompts are split in two halves and the method order rotates between halves. Outputs are
+compared with batch-1 plain decoding (``--no-reference`` skips that slow pass). Writes
+``table.md``, ``results.json`` and ``throughput_vs_width.png`` under ``--out`` when given.
+
+    python benchmarks/continuous_bench.py --prompts 64 --max-new-tokens 64 --out docs/benchmarks/continuous
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine_bench import hf_generate, load_prompts, table  # noqa: E402  (run as a script from benchmarks/)
+from kernel_bench import cpu_name, resident_mib  # noqa: E402
+
+from conflayers import Engine, GenerationConfig
+from conflayers.models import encode_prompts, load_model
+from conflayers.width import choose_width, measure_step_seconds
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--widths", default="8,32,64")
+    ap.add_argument("--no-reference", action="store_true", help="skip batch-1 plain decoding (identical fraction)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    widths = [int(w) for w in args.widths.split(",")]
+    N = args.max_new_tokens
+    cfg = GenerationConfig(max_new_tokens=N, stop_token_ids=())
+
+    model, tok = load_model()
+    engine = Engine(model)
+    prompts = encode_prompts(tok, load_prompts(args.prompts))
+    context = round(sum(map(len, prompts)) / len(prompts) + N / 2)
+    t0 = time.perf_counter()
+    auto = choose_width(engine, row_tokens=max(map(len, prompts)) + N)
+    auto_s = time.perf_counter() - t0
+    header = (f"SmolLM2-135M-Instruct float32, kernels {engine.kernel_plan.name}, {cpu_name()}, "
+              f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; "
+              f"{len(prompts)} Spec-Bench prompts (mixed categories, {min(map(len, prompts))}-{max(map(len, prompts))} "
+              f"prompt tokens), {N} new tokens each, greedy")
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/continuous_bench.py", *sys.argv[1:]])
+    print(f"# Continuous batching: {header}\n\n`{command}`\n", flush=True)
+    print(f"auto width: {auto.width} ({'cached' if auto.cached else f'measured in {auto_s:.1f} s'}; "
+          f"plain decode tok/s by width: {({w: round(v, 1) for w, v in auto.tokens_per_s.items()})})", flush=True)
+
+    def run_generate(ps):
+        return [o for i in range(0, len(ps), 8) for o in hf_generate(model, ps[i : i + 8], N)]
+
+    def run_static(ps):
+        return [r.token_ids for i in range(0, len(ps), 8) for r in engine.generate(ps[i : i + 8], cfg)]
+
+    def run_continuous(width):
+        def fn(ps):
+            out = engine.generate(ps, cfg, max_batch=width)
+            kv_peak[width] = max(kv_peak.get(width, 0), engine.last_stream["kv_bytes"])
+            return [r.token_ids for r in out]
+        return fn
+
+    kv_peak: dict[int, int] = {}
+    methods = {"generate b8": run_generate, "static b8": run_static}
+    all_widths = sorted(set(widths) | {auto.width})
+    for w in all_widths:
+        methods[f"continuous w{w}" + (" (auto)" if w == auto.width else "")] = run_continuous(w)
+    engine.generate(prompts[:2], GenerationConfig(max_new_tokens=4))  # warm-up
+    hf_generate(model, prompts[:2], 4)
+    acc = {m: {"tokens": 0, "seconds": 0.0, "outputs": [None] * len(prompts)} for m in methods}
+    halves = [list(range(0, len(prompts) // 2)), list(range(len(prompts) // 2, len(prompts)))]
+    names = list(methods)
+    for h, idx in enumerate(halves):
+        order = names if h == 0 else names[::-1]
+        for m in order:
+            t = time.perf_counter()
+            outs = methods[m]([prompts[i] for i in idx])
+            acc[m]["seconds"] += time.perf_counter() - t
+            acc[m]["tokens"] += sum(map(len, outs))
+            for i, o in zip(idx, outs):
+                acc[m]["outputs"][i] = o
+            print(f"  half {h + 1}: {m} done", file=sys.stderr, flush=True)
+    ceiling = {w: w / measure_step_seconds(engine, w, context) for w in all_widths}
+    reference = None
+    if not args.no_reference:
+        reference = [engine.generate([p], cfg)[0].token_ids for p in prompts]
+
+    base = acc["generate b8"]["tokens"] / acc["generate b8"]["seconds"]
+    rows, results = [], {}
+    for m, a in acc.items():
+        tps = a["tokens"] / a["seconds"]
+        w = int(m.split()[1][1:]) if m.startswith("continuous") else 8
+        same = "-" if reference is None else f"{sum(x == y for x, y in zip(a['outputs'], reference))}/{len(prompts)}"
+        ceil = ceiling.get(w) if m.startswith("continuous") else None
+        kv = kv_peak.get(w) if m.startswith("continuous") else None
+        rows.append([m, w, a["tokens"], f"{a['seconds']:.1f}", f"{tps:.1f}", f"{tps / base:.2f}x",
+                     "-" if ceil is None else f"{ceil:.1f}", "-" if ceil is None else f"{tps / ceil:.0%}",
+                     "-" if kv is None else f"{kv / 2**20:.0f}", same])
+        results[m] = {"width": w, "tokens": a["tokens"], "seconds": a["seconds"], "tokens_per_s": tps,
+                      "ceiling_tokens_per_s": ceil, "kv_cache_mib": None if kv is None else kv / 2**20}
+    t1 = table(["method", "width", "tokens", "seconds", "tok/s", "vs generate b8", "ceiling tok/s", "of ceiling",
+                "KV cache MiB", "identical to batch-1 plain"], rows)
+    print(t1)
+    mem = f"Process resident memory at the end: {resident_mib():.0f} MiB."
+    print(mem)
+
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        auto_line = (f"auto width: {auto.width} (plain decode tok/s by width: "
+                     f"{({w: round(v, 1) for w, v in auto.tokens_per_s.items()})})")
+        (out / "table.md").write_text(f"# Continuous batching\n\n{header}\n\n`{command}`\n\n{auto_line}\n\n{t1}\n\n{mem}\n")
+        (out / "results.json").write_text(json.dumps({"header": header, "auto": auto.as_dict(), "methods": results,
+                                                      "ceiling": ceiling}, indent=1, default=str))
+        plot(results, ceiling, auto.width, out / "throughput_vs_width.png")
+        print(f"wrote {out}/table.md, results.json, throughput_vs_width.png")
+
+
+def plot(results, ceiling, auto_width, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ws = sorted(ceiling)
+    ax.plot(ws, [ceiling[w] for w in ws], "k--", marker="x", label="ceiling: bare decode forwards")
+    cont = sorted((r["width"], r["tokens_per_s"]) for m, r in results.items() if m.startswith("continuous"))
+    ax.plot([w for w, _ in cont], [t for _, t in cont], marker="o", label="continuous engine")
+    for m, marker in (("generate b8", "s"), ("static b8", "^")):
+        ax.scatter([8], [results[m]["tokens_per_s"]], marker=marker, s=60, zorder=3,
+                   label={"generate b8": "transformers generate, batch 8", "static b8": "engine, fixed batches of 8"}[m])
+    ax.axvline(auto_width, color="grey", lw=0.8, ls=":")
+    ax.text(auto_width, ax.get_ylim()[1] * 0.95, f" auto = {auto_width}", color="grey", va="top")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ws, [str(w) for w in ws])
+    ax.set_xlabel("rows in flight (width)")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("SmolLM2-135M fp32, 2-core CPU: throughput against width")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
