@@ -9,7 +9,8 @@ Methods, all greedy with a fixed token budget (no stop tokens, so every method d
 - ``ceiling wN``: tokens/s of bare plain decode forwards at width N after a ~200-token context
   (no prefill, no sampling, no bookkeeping): the most the engine could do at that width.
 
-The prompts are split in two halves and the method order rotates between halves. Outputs are
+Each method decodes all prompts once (halves with a rotated order would cap the width at half the
+prompts); the methods run interleaved, narrow and wide, padded and continuous. Outputs are
 compared with batch-1 plain decoding (``--no-reference`` skips that slow pass). Writes
 ``table.md``, ``results.json`` and ``throughput_vs_width.png`` under ``--out`` when given.
 
@@ -76,29 +77,30 @@ def main():
         def fn(ps):
             out = engine.generate(ps, cfg, max_batch=width)
             kv_peak[width] = max(kv_peak.get(width, 0), engine.last_stream["kv_bytes"])
+            split[width] = dict(engine.last_stream)
             return [r.token_ids for r in out]
         return fn
 
     kv_peak: dict[int, int] = {}
-    methods = {"generate b8": run_generate, "static b8": run_static}
-    all_widths = sorted(set(widths) | {auto.width})
-    for w in all_widths:
-        methods[f"continuous w{w}" + (" (auto)" if w == auto.width else "")] = run_continuous(w)
+    split: dict[int, dict] = {}  # prefill / decode seconds of each continuous run
+    auto_width = min(auto.width, len(prompts))  # wider than the prompts is the same run
+    all_widths = sorted(set(widths) | {auto_width})
+    cont = {f"continuous w{w}" + (" (auto)" if w == auto_width else ""): run_continuous(w) for w in all_widths}
+    names = list(cont)
+    methods = {names[-1]: cont[names[-1]], "generate b8": run_generate}  # interleave wide, padded, narrow, static
+    for i, name in enumerate(names[:-1]):
+        methods[name] = cont[name]
+        if i == 0:
+            methods["static b8"] = run_static
+    methods.setdefault("static b8", run_static)
     engine.generate(prompts[:2], GenerationConfig(max_new_tokens=4))  # warm-up
     hf_generate(model, prompts[:2], 4)
-    acc = {m: {"tokens": 0, "seconds": 0.0, "outputs": [None] * len(prompts)} for m in methods}
-    halves = [list(range(0, len(prompts) // 2)), list(range(len(prompts) // 2, len(prompts)))]
-    names = list(methods)
-    for h, idx in enumerate(halves):
-        order = names if h == 0 else names[::-1]
-        for m in order:
-            t = time.perf_counter()
-            outs = methods[m]([prompts[i] for i in idx])
-            acc[m]["seconds"] += time.perf_counter() - t
-            acc[m]["tokens"] += sum(map(len, outs))
-            for i, o in zip(idx, outs):
-                acc[m]["outputs"][i] = o
-            print(f"  half {h + 1}: {m} done", file=sys.stderr, flush=True)
+    acc = {}
+    for m, fn in methods.items():
+        t = time.perf_counter()
+        outs = fn(prompts)
+        acc[m] = {"seconds": time.perf_counter() - t, "tokens": sum(map(len, outs)), "outputs": outs}
+        print(f"  {m}: {acc[m]['tokens'] / acc[m]['seconds']:.1f} tok/s", file=sys.stderr, flush=True)
     ceiling = {w: w / measure_step_seconds(engine, w, context) for w in all_widths}
     reference = None
     if not args.no_reference:
@@ -110,15 +112,22 @@ def main():
         tps = a["tokens"] / a["seconds"]
         w = int(m.split()[1][1:]) if m.startswith("continuous") else 8
         same = "-" if reference is None else f"{sum(x == y for x, y in zip(a['outputs'], reference))}/{len(prompts)}"
-        ceil = ceiling.get(w) if m.startswith("continuous") else None
-        kv = kv_peak.get(w) if m.startswith("continuous") else None
+        is_cont = m.startswith("continuous")
+        ceil = ceiling.get(w) if is_cont else None
+        kv = kv_peak.get(w) if is_cont else None
+        sp = split.get(w) if is_cont else None
+        dec_tps = a["tokens"] / sp["decode_seconds"] if sp else None
         rows.append([m, w, a["tokens"], f"{a['seconds']:.1f}", f"{tps:.1f}", f"{tps / base:.2f}x",
                      "-" if ceil is None else f"{ceil:.1f}", "-" if ceil is None else f"{tps / ceil:.0%}",
+                     "-" if sp is None else f"{sp['prefill_seconds']:.1f} / {sp['decode_seconds']:.1f}",
+                     "-" if sp is None else f"{dec_tps:.1f} ({dec_tps / ceil:.0%})",
                      "-" if kv is None else f"{kv / 2**20:.0f}", same])
         results[m] = {"width": w, "tokens": a["tokens"], "seconds": a["seconds"], "tokens_per_s": tps,
-                      "ceiling_tokens_per_s": ceil, "kv_cache_mib": None if kv is None else kv / 2**20}
+                      "ceiling_tokens_per_s": ceil, "kv_cache_mib": None if kv is None else kv / 2**20,
+                      "prefill_seconds": sp and sp["prefill_seconds"], "decode_seconds": sp and sp["decode_seconds"]}
     t1 = table(["method", "width", "tokens", "seconds", "tok/s", "vs generate b8", "ceiling tok/s", "of ceiling",
-                "KV cache MiB", "identical to batch-1 plain"], rows)
+                "prefill s / decode s", "decode-phase tok/s (of ceiling)", "KV cache MiB",
+                "identical to batch-1 plain"], rows)
     print(t1)
     mem = f"Process resident memory at the end: {resident_mib():.0f} MiB."
     print(mem)
@@ -131,7 +140,7 @@ def main():
         (out / "table.md").write_text(f"# Continuous batching\n\n{header}\n\n`{command}`\n\n{auto_line}\n\n{t1}\n\n{mem}\n")
         (out / "results.json").write_text(json.dumps({"header": header, "auto": auto.as_dict(), "methods": results,
                                                       "ceiling": ceiling}, indent=1, default=str))
-        plot(results, ceiling, auto.width, out / "throughput_vs_width.png")
+        plot(results, ceiling, auto_width, out / "throughput_vs_width.png")
         print(f"wrote {out}/table.md, results.json, throughput_vs_width.png")
 
 

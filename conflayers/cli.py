@@ -155,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
-        raise SystemExit(f"--kv-cache-gb must be > 0, got {args.kv_cache_gb}")
+        print(f"error: --kv-cache-gb must be > 0, got {args.kv_cache_gb}", file=sys.stderr)
+        return 2
     prompts = read_prompts_file(args.prompts_file) if args.prompts_file else (args.prompts or DEMO_PROMPTS)
     try:
         config = GenerationConfig(
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         width = args.batch_size
         if width == "auto":
             row_tokens = max(map(len, ids)) + args.max_new_tokens
-            width = choose_width(engine, budget, row_tokens=row_tokens).width
+            width = choose_width(engine, budget, row_tokens=row_tokens, max_width=len(ids)).width
         width = min(width, len(ids))
         engine._check_prompts(ids)
     except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:

@@ -258,7 +258,9 @@ class Engine:
 
         queue = enumerate(prompts)
         kv = KVState(self.model, slots=max_batch)
-        self.last_stream = {"max_batch": max_batch, "kv_bytes": 0}  # for benchmarks: the cache's final size
+        # for benchmarks: the cache's final size and where the time went
+        self.last_stream = {"max_batch": max_batch, "kv_bytes": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
+                            "steps": 0}
         rows: list[_Row] = []  # decode rows; rows[s] lives in slot s
         joiners: list[_Row] = []  # being prefilled, in slots [jlo, jlo + len(joiners))
         jlo = 0
@@ -295,10 +297,12 @@ class Engine:
                 jlo = len(rows)
             if joiners:
                 t0 = time.perf_counter()
-                per_row = max(16, prefill_tokens // len(joiners))
+                left = sum(r.prefilled < len(r.prompt) for r in joiners)  # rows that still take prompt tokens
+                per_row = max(16, prefill_tokens // left)
                 for t, logits in self._prefill_chunk(kv, jlo, joiners, per_row).items():
                     first_token(joiners[t], logits)
                 dt = time.perf_counter() - t0
+                self.last_stream["prefill_seconds"] += dt
                 for r in joiners:
                     r.result.stats.prefill_seconds += dt
                 if all(r.prefilled == len(r.prompt) for r in joiners):
@@ -340,6 +344,8 @@ class Engine:
                 a, y = accept_sampled(prop.tokens, prop.lens, p, q, gen)
             kv.commit(a)
             step_t1 = time.perf_counter()
+            self.last_stream["decode_seconds"] += step_t1 - step_t0
+            self.last_stream["steps"] += 1
 
             drafts = prop.tokens.tolist()
             a_list, y_list, lens = a.tolist(), y.tolist(), prop.lens.tolist()

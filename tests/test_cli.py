@@ -22,7 +22,10 @@ def test_json_output_speculative_equals_plain(tmp_path):
     assert spec.returncode == 0, spec.stderr
     p_rows = [json.loads(line) for line in plain.stdout.splitlines()]
     s_rows = [json.loads(line) for line in spec.stdout.splitlines()]
-    assert [r["index"] for r in s_rows] == [0, 1]
+    assert sorted(r["index"] for r in s_rows) == [0, 1]  # rows come out as they finish
+    s_rows.sort(key=lambda r: r["index"])
+    p_rows.sort(key=lambda r: r["index"])
+    assert all(r["width"] == 2 for r in s_rows)
     assert [r["output"] for r in s_rows] == [r["output"] for r in p_rows]
     for r in s_rows:
         assert 1 <= r["new_tokens"] <= 12 and r["finish_reason"] in ("stop", "length")
@@ -39,6 +42,9 @@ def test_json_output_speculative_equals_plain(tmp_path):
         (["--temperature", "-1"], "temperature must be >= 0"),
         (["--top-p", "0"], "top_p must be in (0, 1]"),
         (["--model", "/nonexistent/model"], "model path not found: /nonexistent/model"),
+        (["--batch-size", "0"], "--batch-size takes auto or an integer >= 1, got '0'"),
+        (["--kernels", "fast"], "invalid choice: 'fast'"),
+        (["--kv-cache-gb", "-1"], "--kv-cache-gb must be > 0"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(args, message):

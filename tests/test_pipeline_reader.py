@@ -97,8 +97,18 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["baseline.fraction=2"])
     with pytest.raises(ValueError, match="input.format"):
         load_config(None, ["input.format=guess"])
+    with pytest.raises(ValueError, match="engine.max_batch: must be auto or an integer >= 1, got 'wide'"):
+        load_config(None, ["engine.max_batch=wide"])
+    with pytest.raises(ValueError, match="engine.max_batch"):
+        load_config(None, ["engine.max_batch=0"])
+    with pytest.raises(ValueError, match="model.kernels: must be one of"):
+        load_config(None, ["model.kernels=fast"])
+    with pytest.raises(ValueError, match="engine.kv_cache_gb: must be > 0"):
+        load_config(None, ["engine.kv_cache_gb=0"])
     cfg = load_config("configs/generate.yaml", ["input.path=x.jsonl", "search.skip_layers=[3,5]"])
     assert cfg.input.path == "x.jsonl" and cfg.search.skip_layers == [3, 5]
+    assert cfg.engine.max_batch == "auto" and cfg.model.kernels == "auto" and cfg.ray.batch_size == 256
+    assert load_config(None, ["engine.max_batch=16"]).engine.max_batch == 16
 
 
 def test_coordinator_best_and_summary():
