@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import gc
-import platform
 import shlex
 import statistics
 import sys
@@ -34,18 +33,13 @@ from engine_bench import hf_generate, load_prompts, table  # noqa: E402  (run as
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter
 from conflayers.kernels import apply_kernels, restore_native
 from conflayers.models import encode_prompts, load_model
+from conflayers.width import device_name
 
 KERNELS = ("native", "onednn")
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return device_name(torch.device("cpu"))
 
 
 def resident_mib() -> float:
