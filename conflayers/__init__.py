@@ -3,6 +3,7 @@
 from .drafters import DraftContext, Drafter, FixedSkip, LayerSkipDrafter, NoDrafter, Proposal, StepOutcome
 from .engine import Engine, GenerationConfig, Request, RowResult, RowStats
 from .layers import capture_sublayers, decoder_layers, skip_layers, validate_skip_set
+from .router import GroupRouter
 from .sampling import SamplingParams
 from .search import ConfLayersSearch, SearchConfig, SwiftSearch, make_policy
 
@@ -12,6 +13,7 @@ __all__ = [
     "Engine",
     "FixedSkip",
     "GenerationConfig",
+    "GroupRouter",
     "LayerSkipDrafter",
     "NoDrafter",
     "Proposal",

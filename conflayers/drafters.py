@@ -35,6 +35,7 @@ class DraftContext:
     sampling: SamplingParams
     generator: torch.Generator | None
     stop_ids: frozenset[int]
+    groups: list[str] = field(default_factory=list)  # each row's Request.group (for conflayers.router)
 
 
 @dataclass

@@ -102,10 +102,11 @@ class RowStats:
 
 @dataclass
 class Request:
-    """A prompt with its own token budget (``None``: the config's ``max_new_tokens``)."""
+    """A prompt with its own token budget (``None``: the config's ``max_new_tokens``) and group."""
 
     token_ids: list[int]
     max_new_tokens: int | None = None
+    group: str = ""  # e.g. the row's dataset: conflayers.router.GroupRouter drafts per group
 
 
 @dataclass
@@ -292,7 +293,7 @@ class Engine:
                     if err is not None:
                         yield i, RowResult([], RowStats(finish_reason="error"), error=f"prompt {err}")
                         continue
-                    joiners.append(_Row(i, ids, min(n_new, self.context - len(ids))))
+                    joiners.append(_Row(i, ids, min(n_new, self.context - len(ids)), group=req.group))
                 joiners.sort(key=lambda r: -len(r.prompt))
                 jlo = len(rows)
             if joiners:
@@ -327,7 +328,8 @@ class Engine:
             step_t0 = time.perf_counter()
             last = torch.tensor([r.last for r in rows], device=self.device)
             remaining = torch.tensor([r.budget - len(r.result.token_ids) for r in rows], device=self.device)
-            ctx = DraftContext(kv, last, [r.history for r in rows], remaining - 1, sp, gen, stop_ids)
+            ctx = DraftContext(kv, last, [r.history for r in rows], remaining - 1, sp, gen, stop_ids,
+                               [r.group for r in rows])
             prop = drafter.propose(ctx)
             # 3. verify
             kv.rollback()
@@ -390,6 +392,7 @@ class _Row:
     index: int
     prompt: list[int]
     budget: int
+    group: str = ""
     prefilled: int = 0
     last: int = 0
     result: RowResult = field(default_factory=lambda: RowResult([], RowStats()))

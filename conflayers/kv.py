@@ -102,10 +102,6 @@ class KVState:
         # eager attention adds the mask to the scores; SDPA (the default) also accepts booleans
         self.additive_mask = getattr(model.config, "_attn_implementation", "eager") != "sdpa"
 
-    @property
-    def batch_size(self) -> int:
-        return self.n
-
     def _ensure_columns(self, needed: int) -> None:
         if needed <= self.columns:
             return

@@ -49,7 +49,10 @@ def init_ray(cfg: PipelineConfig) -> None:
     if address:
         ray.init(address=address, log_to_driver=True)
         return
-    # a local cluster: logical CPUs for the actor pool plus the read tasks, even on a 2-core machine
+    # a local cluster: logical CPUs for the actor pool plus the read tasks, even on a 2-core machine;
+    # the machine is the job's, so its cores are shared among the actors' torch threads
+    if cfg.engine.threads is None:
+        cfg.engine.threads = max(1, (os.cpu_count() or 1) // cfg.ray.concurrency)
     need = int(cfg.ray.concurrency * cfg.ray.num_cpus_per_actor) + 2
     ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
 

@@ -5,13 +5,13 @@ Per actor: the model is loaded once, the in-flight width is chosen once (``engin
 cluster-wide best set when it has one). Per batch (hundreds of rows):
 
 1. turn each row into token ids; unusable rows (too long, bad prompt) become error rows;
-2. group rows by dataset: a layer-skip draft pass runs one skip set for the whole forward, so rows
-   of different datasets (different policies) do not share a decode batch; each dataset's rows
-   stream through the continuous engine in turn, every row with its own token budget, freed
-   slots refilled at once;
+2. stream every row through the continuous engine, each with its own token budget, freed slots
+   refilled at once. Rows of all datasets share the decode batch; a layer-skip draft pass runs
+   one skip set for the whole forward, so ``conflayers.router.GroupRouter`` gives the datasets in
+   the batch the draft in turn (the others' rows decode plainly that step), each under its own
+   dataset's policy;
 3. the rows picked for the baseline (a fraction, and at least a few per dataset) stream on their
-   own, once under the dataset's policy and once with plain decoding: same actor, same rows,
-   same width;
+   own, once under the policies and once with plain decoding: same actor, same rows, same width;
 4. report the batch's observations to the coordinator, write the batch's rows to one Parquet file
    whose name depends only on the batch's ids (a retried batch rewrites the same file), and
    return them.
@@ -100,7 +100,7 @@ class GenerationActor:
         self.cfg = cfg
         self.device = resolve_device(cfg.model.device)
         if self.device == "cpu":
-            torch.set_num_threads(max(1, int(cfg.ray.num_cpus_per_actor)))
+            torch.set_num_threads(cfg.engine.threads or max(1, int(cfg.ray.num_cpus_per_actor)))
         self.accelerator = torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu"
         self.model, self.tokenizer = load_model(cfg.model.source, cfg.model.dtype, self.device)
         self.engine = Engine(self.model, cfg.model.kernels)
@@ -154,11 +154,12 @@ class GenerationActor:
         s = self.cfg.search
         return LayerSkipDrafter(self.model, policy, s.stop_threshold, s.max_draft_len)
 
-    def _gen_config(self, max_new: int):
+    def _gen_config(self):
+        """Sampling for every row; each row's token budget travels with its ``Request``."""
         from conflayers import GenerationConfig, SamplingParams
 
         g = self.cfg.generation
-        return GenerationConfig(max_new, SamplingParams(g.temperature, g.top_p, g.top_k), seed=g.seed)
+        return GenerationConfig(g.max_tokens, SamplingParams(g.temperature, g.top_p, g.top_k), seed=g.seed)
 
     def _encode(self, row: dict) -> list[int]:
         from conflayers.models import encode_prompts
@@ -174,7 +175,7 @@ class GenerationActor:
         """Stream (row index, Request) items through the engine; returns ({row index: result}, wall)."""
         t0 = time.perf_counter()
         results = {}
-        stream = self.engine.stream([req for _, req in items], self._gen_config(self.cfg.generation.max_tokens),
+        stream = self.engine.stream([req for _, req in items], self._gen_config(),
                                     drafter, max_batch=min(self.width, len(items)),
                                     prefill_tokens=self.cfg.engine.prefill_tokens, kv_budget_bytes=self.kv_budget)
         for j, r in stream:
@@ -183,7 +184,7 @@ class GenerationActor:
 
     # -- the batch ------------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from conflayers import Request
+        from conflayers import GroupRouter, Request
 
         self._crash_once()
         rows = batch.to_pylist()
@@ -204,18 +205,15 @@ class GenerationActor:
                 else:
                     rec["num_input_tokens"] = len(ids)
                     max_new = rec["max_tokens"] or self.cfg.generation.max_tokens
-                    todo[rec["dataset"]].append((len(out) - 1, Request(ids, max_new)))
+                    todo[rec["dataset"]].append((len(out) - 1, Request(ids, max_new, group=rec["dataset"])))
         errors = [r for r in out if r["error_type"]]
         if errors and self.cfg.fail_fast:
             e = errors[0]
             raise RuntimeError(f"fail_fast: row {e['id']!r} ({e['dataset']}): {e['error_type']}: {e['error_message']}")
 
-        per_dataset: dict[str, dict] = defaultdict(lambda: Counter())
+        b = self.cfg.baseline
+        base, rest = [], []
         for dataset, items in todo.items():
-            policy = self._policy(dataset)
-            drafter = self._drafter(policy)
-            b = self.cfg.baseline
-            base, rest = [], []
             for item in items:
                 rid = out[item[0]]["id"]
                 if in_baseline_fraction(rid, b.fraction) or self.baseline_count[dataset] < b.min_per_dataset:
@@ -223,36 +221,43 @@ class GenerationActor:
                     self.baseline_count[dataset] += 1
                 else:
                     rest.append(item)
-            obs = per_dataset[dataset]
-            for group, is_base in ((base, True), (rest, False)):
-                if not group:
+        router = GroupRouter({d: self._drafter(self._policy(d)) for d in todo}) if todo else None
+        per_dataset: dict[str, dict] = defaultdict(lambda: Counter())
+        for group, is_base in ((base, True), (rest, False)):
+            if not group:
+                continue
+            results, secs = self._decode(group, router)
+            tokens = sum(r.stats.new_tokens for r in results.values()) or 1
+            for i, r in results.items():
+                if r.error:
+                    out[i]["error_type"], out[i]["error_message"] = "kv_budget", r.error
                     continue
-                results, secs = self._decode(group, drafter)
-                tokens = sum(r.stats.new_tokens for r in results.values()) or 1
-                for i, r in results.items():
-                    if r.error:
-                        out[i]["error_type"], out[i]["error_message"] = "kv_budget", r.error
-                        continue
-                    # a row's share of the stream's wall time is its share of the tokens generated
-                    self._fill(out[i], r, secs * r.stats.new_tokens / tokens, policy)
-                    obs["tokens"] += r.stats.new_tokens
-                    obs["steps"] += r.stats.steps
-                    obs["drafted"] += r.stats.drafted
-                    obs["accepted"] += r.stats.accepted
-                    obs["rows"] += 1
-                obs["seconds"] += secs
-                if is_base:
-                    ok = [(i, req) for i, req in group if not results[i].error]
-                    plain, psecs = self._decode(ok, self._drafter(None)) if ok else ({}, 0.0)
-                    ptokens = sum(r.stats.new_tokens for r in plain.values()) or 1
-                    for i, r in plain.items():
-                        rec = out[i]
-                        rec["baseline"] = True
-                        rec["baseline_num_generated_tokens"] = r.stats.new_tokens
-                        rec["baseline_compute_seconds"] = psecs * r.stats.new_tokens / ptokens
-                        rec["baseline_exact_match"] = list(r.token_ids) == list(rec.pop("_token_ids"))
-                        obs["baseline_tokens"] += r.stats.new_tokens
-                    obs["baseline_seconds"] += psecs
+                dataset = out[i]["dataset"]
+                obs = per_dataset[dataset]
+                # a row's share of the stream's wall time is its share of the tokens generated
+                share = secs * r.stats.new_tokens / tokens
+                self._fill(out[i], r, share, self.policies[dataset])
+                obs["tokens"] += r.stats.new_tokens
+                obs["steps"] += r.stats.steps
+                obs["drafted"] += r.stats.drafted
+                obs["accepted"] += r.stats.accepted
+                obs["rows"] += 1
+                obs["seconds"] += share
+            if is_base:
+                ok = [(i, req) for i, req in group if not results[i].error]
+                plain, psecs = self._decode(ok, self._drafter(None)) if ok else ({}, 0.0)
+                ptokens = sum(r.stats.new_tokens for r in plain.values()) or 1
+                for i, r in plain.items():
+                    rec = out[i]
+                    obs = per_dataset[rec["dataset"]]
+                    rec["baseline"] = True
+                    rec["baseline_num_generated_tokens"] = r.stats.new_tokens
+                    rec["baseline_compute_seconds"] = psecs * r.stats.new_tokens / ptokens
+                    rec["baseline_exact_match"] = list(r.token_ids) == list(rec.pop("_token_ids"))
+                    obs["baseline_tokens"] += r.stats.new_tokens
+                    obs["baseline_seconds"] += rec["baseline_compute_seconds"]
+        for dataset, obs in per_dataset.items():
+            policy = self.policies[dataset]
             obs["search_iterations"] = search_iterations(policy)
             obs["skip_set"] = current_set(policy)
             obs["settled"] = is_settled(policy)

@@ -80,6 +80,8 @@ class EngineConfig:
     max_batch: Any = "auto"  # rows in flight per actor: "auto" (measured, within kv_cache_gb) or an integer
     kv_cache_gb: Optional[float] = None  # KV budget per actor; None: half of free memory (free GPU memory on CUDA)
     prefill_tokens: int = 512  # tokens per prefill forward of joining rows (a decode step runs between chunks)
+    threads: Optional[int] = None  # torch threads per CPU actor; None: ray.num_cpus_per_actor, or on a local
+    # cluster the job starts itself, the machine's cores shared among the actors
 
 
 @dataclass
@@ -154,6 +156,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
            "engine.max_batch", f"must be auto or an integer >= 1, got {e.max_batch!r}")
     _check(e.kv_cache_gb is None or e.kv_cache_gb > 0, "engine.kv_cache_gb", f"must be > 0, got {e.kv_cache_gb}")
     _check(e.prefill_tokens >= 1, "engine.prefill_tokens", f"must be >= 1, got {e.prefill_tokens}")
+    _check(e.threads is None or e.threads >= 1, "engine.threads", f"must be >= 1 or null, got {e.threads}")
     _check(r.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", f"must be > 0, got {r.num_cpus_per_actor}")
     _check(r.max_restarts >= -1, "ray.max_restarts", f"must be >= -1 (-1 = forever), got {r.max_restarts}")
     _check(r.max_task_retries >= -1, "ray.max_task_retries", f"must be >= -1, got {r.max_task_retries}")
