@@ -1,9 +1,9 @@
 """Continuous batching benchmark on the bundled SmolLM2: throughput against width.
 
 Methods, all greedy with a fixed token budget (no stop tokens, so every method does equal work):
-- ``generate b8``: transformers ``generate`` on padded batches of 8;
-- ``static b8``: the engine on fixed batches of 8 (finished rows leave, nothing refills: the
-  engine before continuous batching);
+- ``generate b8``: transformers ``generate`` on padded batches of 8 prompts of similar length;
+- ``static b8``: the engine on the same fixed batches of 8 (finished rows leave, nothing refills:
+  the engine and pipeline before continuous batching);
 - ``continuous wN``: one ``Engine.stream`` over all prompts with N rows in flight, for each
   ``--widths`` entry and ``auto`` (``conflayers.width.choose_width``);
 - ``ceiling wN``: tokens/s of bare plain decode forwards at width N after a ~200-token context
@@ -67,11 +67,20 @@ def main():
     print(f"auto width: {auto.width} ({'cached' if auto.cached else f'measured in {auto_s:.1f} s'}; "
           f"plain decode tok/s by width: {({w: round(v, 1) for w, v in auto.tokens_per_s.items()})})", flush=True)
 
-    def run_generate(ps):
-        return [o for i in range(0, len(ps), 8) for o in hf_generate(model, ps[i : i + 8], N)]
+    def in_length_order(batch_fn):
+        """Batches of 8 prompts of similar length (as the pipeline cut them before), outputs in input order."""
+        def fn(ps):
+            order = sorted(range(len(ps)), key=lambda i: len(ps[i]))
+            out = [None] * len(ps)
+            for s in range(0, len(ps), 8):
+                idx = order[s : s + 8]
+                for i, o in zip(idx, batch_fn([ps[i] for i in idx])):
+                    out[i] = o
+            return out
+        return fn
 
-    def run_static(ps):
-        return [r.token_ids for i in range(0, len(ps), 8) for r in engine.generate(ps[i : i + 8], cfg)]
+    run_generate = in_length_order(lambda batch: hf_generate(model, batch, N))
+    run_static = in_length_order(lambda batch: [r.token_ids for r in engine.generate(batch, cfg)])
 
     def run_continuous(width):
         def fn(ps):
@@ -102,6 +111,9 @@ def main():
         acc[m] = {"seconds": time.perf_counter() - t, "tokens": sum(map(len, outs)), "outputs": outs}
         print(f"  {m}: {acc[m]['tokens'] / acc[m]['seconds']:.1f} tok/s", file=sys.stderr, flush=True)
     ceiling = {w: w / measure_step_seconds(engine, w, context) for w in all_widths}
+    # every row in flight attends over the longest in-flight row's positions: the ceiling there
+    longest = max(map(len, prompts)) + N // 2
+    ceiling_long = {w: w / measure_step_seconds(engine, w, longest) for w in all_widths}
     reference = None
     if not args.no_reference:
         reference = [engine.generate([p], cfg)[0].token_ids for p in prompts]
@@ -113,20 +125,22 @@ def main():
         w = int(m.split()[1][1:]) if m.startswith("continuous") else 8
         same = "-" if reference is None else f"{sum(x == y for x, y in zip(a['outputs'], reference))}/{len(prompts)}"
         is_cont = m.startswith("continuous")
-        ceil = ceiling.get(w) if is_cont else None
+        ceil = ceiling.get(w) if is_cont else None  # at the mean context
         kv = kv_peak.get(w) if is_cont else None
         sp = split.get(w) if is_cont else None
         dec_tps = a["tokens"] / sp["decode_seconds"] if sp else None
         rows.append([m, w, a["tokens"], f"{a['seconds']:.1f}", f"{tps:.1f}", f"{tps / base:.2f}x",
                      "-" if ceil is None else f"{ceil:.1f}", "-" if ceil is None else f"{tps / ceil:.0%}",
                      "-" if sp is None else f"{sp['prefill_seconds']:.1f} / {sp['decode_seconds']:.1f}",
-                     "-" if sp is None else f"{dec_tps:.1f} ({dec_tps / ceil:.0%})",
+                     "-" if sp is None else f"{dec_tps:.1f} ({dec_tps / ceil:.0%} / {dec_tps / ceiling_long[w]:.0%})",
                      "-" if kv is None else f"{kv / 2**20:.0f}", same])
         results[m] = {"width": w, "tokens": a["tokens"], "seconds": a["seconds"], "tokens_per_s": tps,
                       "ceiling_tokens_per_s": ceil, "kv_cache_mib": None if kv is None else kv / 2**20,
                       "prefill_seconds": sp and sp["prefill_seconds"], "decode_seconds": sp and sp["decode_seconds"]}
-    t1 = table(["method", "width", "tokens", "seconds", "tok/s", "vs generate b8", "ceiling tok/s", "of ceiling",
-                "prefill s / decode s", "decode-phase tok/s (of ceiling)", "KV cache MiB",
+    t1 = table(["method", "width", "tokens", "seconds", "tok/s", "vs generate b8", f"ceiling tok/s ({context} tokens)",
+                "of ceiling",
+                "prefill s / decode s", f"decode-phase tok/s (of ceiling at {context} / {longest} tokens)",
+                "KV cache MiB",
                 "identical to batch-1 plain"], rows)
     print(t1)
     mem = f"Process resident memory at the end: {resident_mib():.0f} MiB."
@@ -139,7 +153,7 @@ def main():
                      f"{({w: round(v, 1) for w, v in auto.tokens_per_s.items()})})")
         (out / "table.md").write_text(f"# Continuous batching\n\n{header}\n\n`{command}`\n\n{auto_line}\n\n{t1}\n\n{mem}\n")
         (out / "results.json").write_text(json.dumps({"header": header, "auto": auto.as_dict(), "methods": results,
-                                                      "ceiling": ceiling}, indent=1, default=str))
+                                                      "ceiling": ceiling, "ceiling_longest": ceiling_long}, indent=1, default=str))
         plot(results, ceiling, auto_width, out / "throughput_vs_width.png")
         print(f"wrote {out}/table.md, results.json, throughput_vs_width.png")
 

@@ -168,7 +168,7 @@ class Engine:
         if not prompts:
             raise ValueError("no prompts given")
         for i, p in enumerate(prompts):
-            err = self.prompt_error(p.token_ids if isinstance(p, Request) else p)
+            err = self.prompt_error(_ids(p))
             if err:
                 raise ValueError(f"prompt {i} {err}")
 
@@ -218,11 +218,16 @@ class Engine:
         prefill_tokens: int = 512,
     ) -> list[RowResult]:
         """Decode every prompt (token-id lists or ``Request``s); results in input order. Bad input
-        raises ``ValueError`` before anything runs. ``max_batch`` None: all rows in flight at once."""
+        raises ``ValueError`` before anything runs. ``max_batch`` None: all rows in flight at once.
+
+        Rows are admitted shortest prompt first: rows in flight then have similar lengths, and every
+        row's attention spans the longest row's positions, so mixing lengths costs attention."""
         self._check_prompts(prompts)
+        order = sorted(range(len(prompts)), key=lambda i: len(_ids(prompts[i])))
         out: list[RowResult | None] = [None] * len(prompts)
-        for i, r in self.stream(prompts, config, drafter, max_batch or len(prompts), prefill_tokens):
-            out[i] = r
+        for j, r in self.stream([prompts[i] for i in order], config, drafter, max_batch or len(prompts),
+                                prefill_tokens):
+            out[order[j]] = r
         return out
 
     @torch.inference_mode()
@@ -296,6 +301,8 @@ class Engine:
                     joiners.append(_Row(i, ids, min(n_new, self.context - len(ids)), group=req.group))
                 joiners.sort(key=lambda r: -len(r.prompt))
                 jlo = len(rows)
+                if joiners:
+                    kv.reserve(max(len(r.prompt) + r.budget for r in joiners))
             if joiners:
                 t0 = time.perf_counter()
                 left = sum(r.prefilled < len(r.prompt) for r in joiners)  # rows that still take prompt tokens
@@ -383,6 +390,10 @@ class Engine:
                     rows[s] = rows[end]
                 rows.pop()
             kv.n = len(rows)
+
+
+def _ids(p) -> list[int]:
+    return p.token_ids if isinstance(p, Request) else p
 
 
 @dataclass

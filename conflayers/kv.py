@@ -12,8 +12,9 @@ seen, and the next write simply overwrites it:
   ``[0, n)``, or over a given slot range (joiners being prefilled);
 - ``rollback`` forgets draft writes (``pending = 0``); ``commit(a)`` advances each row by ``a + 1``;
 - ``move(src, dst)`` relocates a row (the engine keeps decode rows in the leading slots);
-- columns grow by doubling when the longest row needs more (amortised O(1) per token); slots are
-  fixed at construction, and ``bytes_per_token`` lets the caller budget them.
+- the engine ``reserve``s the columns its admitted rows will need (prompt + budget), so storage
+  is allocated once per size; past that, columns grow by doubling (amortised O(1) per token).
+  Slots are fixed at construction; ``kv_bytes_per_token`` lets the caller budget them.
 
 The attention mask handed to the model is a ready 4D mask, which transformers models use as given.
 The cache plugs into the model through transformers' public ``Cache`` / ``CacheLayerMixin`` API.
@@ -102,10 +103,14 @@ class KVState:
         # eager attention adds the mask to the scores; SDPA (the default) also accepts booleans
         self.additive_mask = getattr(model.config, "_attn_implementation", "eager") != "sdpa"
 
-    def _ensure_columns(self, needed: int) -> None:
+    def reserve(self, columns: int) -> None:
+        """Make room for rows of ``columns`` positions now (one allocation instead of doublings)."""
+        self._ensure_columns(columns, exact=True)
+
+    def _ensure_columns(self, needed: int, exact: bool = False) -> None:
         if needed <= self.columns:
             return
-        new = -(-max(needed, 2 * self.columns) // 16) * 16
+        new = -(-(needed if exact else max(needed, 2 * self.columns)) // 16) * 16
         for layer in self.layers:
             layer.grow(new)
         self.columns = new

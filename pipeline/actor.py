@@ -172,7 +172,9 @@ class GenerationActor:
         return ids
 
     def _decode(self, items: list[tuple[int, object]], drafter):
-        """Stream (row index, Request) items through the engine; returns ({row index: result}, wall)."""
+        """Stream (row index, Request) items through the engine, shortest prompt first (rows in flight
+        attend over the longest one's positions); returns ({row index: result}, wall)."""
+        items = sorted(items, key=lambda it: len(it[1].token_ids))
         t0 = time.perf_counter()
         results = {}
         stream = self.engine.stream([req for _, req in items], self._gen_config(),
