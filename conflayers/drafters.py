@@ -14,6 +14,7 @@ under a skip set. A drafter that needs no model (an n-gram / prompt-lookup draft
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -45,6 +46,7 @@ class Proposal:
     q: torch.Tensor | None = None  # [B, k, V] draft distributions; None = deterministic (one-hot)
     skip: frozenset[int] = frozenset()
     passes: int = 0  # draft forward passes spent on this proposal (for cost accounting)
+    drafter: str = "none"  # which drafter proposed: "none" | "ngram" | "layerskip" (per-row stats)
 
     @staticmethod
     def empty(batch: int, device) -> "Proposal":
@@ -67,6 +69,17 @@ class StepOutcome:
     generated: list[int] = field(default_factory=list)  # tokens generated so far per row (history minus prompt)
     budget: list[int] = field(default_factory=list)  # the row's token budget (max new tokens)
 
+    def restrict(self, rows: list[int]) -> "StepOutcome":
+        """The same step seen by a drafter that drafted for ``rows`` only."""
+        idx = torch.tensor(rows, dtype=torch.long, device=self.lens.device)
+
+        def pick(values: list) -> list:
+            return [values[b] for b in rows] if values else values
+
+        return dataclasses.replace(self, lens=self.lens[idx], accepted=self.accepted[idx],
+                                   committed=pick(self.committed), histories=pick(self.histories),
+                                   generated=pick(self.generated), budget=pick(self.budget))
+
 
 class Drafter(Protocol):
     def propose(self, ctx: DraftContext) -> Proposal: ...
@@ -76,6 +89,8 @@ class Drafter(Protocol):
 
 class NoDrafter:
     """Plain decoding: never proposes anything."""
+
+    name = "none"
 
     def propose(self, ctx: DraftContext) -> Proposal:
         return Proposal.empty(len(ctx.histories), ctx.last_tokens.device)
@@ -104,6 +119,8 @@ class LayerSkipDrafter:
     token is not proposed), it drafts a stop token, or it reaches ``max_draft_len`` / its budget.
     The policy's ``skip_set()`` is asked at every step; ``None`` means "decode plainly now".
     """
+
+    name = "layerskip"
 
     def __init__(self, model, policy=None, stop_threshold: float = 0.8, max_draft_len: int = 8):
         if not 0.0 <= stop_threshold <= 1.0:
@@ -153,7 +170,7 @@ class LayerSkipDrafter:
                 current = nxt
         draft = torch.stack(tokens, 1)
         k = int(lens.max())
-        return Proposal(draft[:, :k], lens, torch.stack(qs, 1)[:, :k] if qs else None, skip, passes)
+        return Proposal(draft[:, :k], lens, torch.stack(qs, 1)[:, :k] if qs else None, skip, passes, self.name)
 
     def observe(self, outcome: StepOutcome) -> None:
         self.policy.observe(outcome)

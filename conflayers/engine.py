@@ -57,6 +57,7 @@ class RowStats:
     decode_seconds: float = 0.0
     draft_passes: int = 0  # draft forward passes run while this row was in the batch
     skip_counts: Counter = field(default_factory=Counter)
+    drafter_steps: Counter = field(default_factory=Counter)  # steps by the drafter whose draft was verified
     finish_reason: str | None = None
 
     @property
@@ -86,11 +87,13 @@ class RowStats:
             "decode_seconds": self.decode_seconds,
             "draft_passes": self.draft_passes,
             "skip_set": self.skip_set,
+            "drafter_steps": dict(self.drafter_steps),
             "finish_reason": self.finish_reason,
         }
 
-    def record_step(self, drafted: int, accepted: int, skip: frozenset[int]) -> None:
+    def record_step(self, drafted: int, accepted: int, skip: frozenset[int], drafter: str = "none") -> None:
         self.steps += 1
+        self.drafter_steps[drafter if drafted else "none"] += 1
         self.drafted += drafted
         self.accepted += accepted
         if len(self.accept_hist) <= accepted:
@@ -364,7 +367,7 @@ class Engine:
                 st = r.result.stats
                 r.add(toks, reason)
                 r.last = y_list[b]
-                st.record_step(lens[b], a_list[b], prop.skip)
+                st.record_step(lens[b], a_list[b], prop.skip, prop.drafter)
                 st.draft_passes += prop.passes
                 st.decode_seconds += step_t1 - step_t0
                 committed.append(len(toks))

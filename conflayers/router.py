@@ -46,17 +46,4 @@ class GroupRouter:
             return
         group, rows = self._active
         self._active = None
-        idx = torch.tensor(rows, dtype=torch.long, device=outcome.lens.device)
-
-        def pick(values: list) -> list:
-            return [values[b] for b in rows] if values else values
-
-        self.drafters[group].observe(dataclasses.replace(
-            outcome,
-            lens=outcome.lens[idx],
-            accepted=outcome.accepted[idx],
-            committed=pick(outcome.committed),
-            histories=pick(outcome.histories),
-            generated=pick(outcome.generated),
-            budget=pick(outcome.budget),
-        ))
+        self.drafters[group].observe(outcome.restrict(rows))

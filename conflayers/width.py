@@ -143,4 +143,4 @@ def _write_cache(path: Path, key: str, table: dict) -> None:
             json.dump(data, f, indent=1)
         os.replace(tmp, path)
     except OSError as e:  # a read-only home must not stop a run
-        log.warning("could not cache the width table in %s: %s", path, e)
+        log.warning("could not write the cache %s: %s", path, e)

@@ -1,0 +1,212 @@
+"""``drafter: auto``: each step, choose the drafter and draft length that maximise committed tokens/s.
+
+A verify pass over ``q`` new tokens per row costs ``S(w, q)`` seconds at batch width ``w`` (the
+measured ``costs.CostSurface``); a layer-skip draft pass running ``m`` of ``L`` layers costs
+``D(w, m)``. A row whose drafts are accepted token by token with probability ``α`` commits
+``E(α, k) = (1 - α^(k+1)) / (1 - α)`` tokens for a draft of ``k`` (ALGORITHM.md §9). Each step the
+controller predicts the batch's tokens/s for
+
+- ``none``: plain decoding, ``w / S(w, 1)``;
+- ``ngram``: every row's prompt-lookup draft (``ngram.NgramDrafter``, no model cost), cut to a
+  common verify width ``Q``: ``Σ_b E(α_b, min(len_b, Q - 1)) / S(w, Q)`` for each ``Q``; rows with
+  longer drafts are cut to ``Q - 1`` and the best ``Q`` wins, so a row whose draft would widen the
+  verify without paying for it is cut;
+- ``layerskip`` for one group's rows (the group's ``LayerSkipDrafter``, its searcher's skip set),
+  draft length ``γ``: ``(Σ_{b in group} E(α_g, γ) + rows outside) / (γ D(w, m) + S(w, γ + 1))``;
+
+and runs the best one if it beats plain decoding by ``margin``, else plain decoding.
+
+Acceptance is estimated online, as a per-token Bernoulli rate: each verified draft of length ``l``
+with ``a`` accepted tokens counts ``a`` successes and one failure if ``a < l``. n-gram: per row,
+shrunk toward its group's pooled rate (a per-dataset prior). Layer skip: per group, decayed so it
+follows the searcher's changing sets, starting from an optimistic prior so a set gets tried.
+Measured verify times refine the surface (``CostSurface.observe``).
+
+ConfLayers stays the layer-skip set finder, but its searcher only gets steps when the surface says
+a layer-skip draft could pay at the current width even with optimistic acceptance
+(``optimistic_alpha``, half the layers skipped); otherwise it does not run at all, and ``state()``
+says so (on the 2-core CPU at width >= 8 it cannot pay).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import torch
+
+from .costs import CostSurface, expected_tokens
+from .drafters import DraftContext, Drafter, Proposal, StepOutcome
+from .ngram import NgramDrafter, proposal_from
+
+DRAFTERS = ("auto", "ngram", "layerskip", "none")
+
+
+class _Rate:
+    """A decayed Bernoulli rate with a prior: (successes + prior * strength) / (trials + strength)."""
+
+    def __init__(self, prior: float, strength: float, decay: float = 1.0):
+        self.prior, self.strength, self.decay = prior, strength, decay
+        self.s = self.n = 0.0
+
+    def add(self, successes: float, failures: float) -> None:
+        self.s = self.s * self.decay + successes
+        self.n = self.n * self.decay + successes + failures
+
+    def value(self, prior: float | None = None) -> float:
+        p = self.prior if prior is None else prior
+        return (self.s + p * self.strength) / (self.n + self.strength)
+
+
+class AutoDrafter:
+    name = "auto"
+
+    def __init__(
+        self,
+        surface: CostSurface,
+        ngram: NgramDrafter | None = None,
+        layer_skip: dict[str, Drafter] | Drafter | None = None,
+        margin: float = 1.02,
+        ngram_prior: float = 0.5,
+        optimistic_alpha: float = 0.9,
+        assumed_skip_ratio: float = 0.5,
+        max_draft_len: int = 8,
+    ):
+        if margin < 1.0:
+            raise ValueError(f"margin must be >= 1, got {margin}")
+        if not 0.0 < optimistic_alpha < 1.0:
+            raise ValueError(f"optimistic_alpha must be in (0, 1), got {optimistic_alpha}")
+        self.surface = surface
+        self.ngram = ngram
+        self.layer_skip = layer_skip if isinstance(layer_skip, dict) or layer_skip is None else {"": layer_skip}
+        self.margin = margin
+        self.ngram_prior = ngram_prior
+        self.optimistic_alpha = optimistic_alpha
+        self.assumed_skip_ratio = assumed_skip_ratio
+        self.max_draft_len = max_draft_len
+        self._ng_rows: dict[int, _Rate] = {}
+        self._ng_groups: dict[str, _Rate] = {}
+        self._ls_groups: dict[str, _Rate] = {}
+        self._skip_size: dict[str, int] = {}
+        self._gate: dict[int, tuple[bool, float]] = {}
+        self._last: dict | None = None
+        self.decisions: Counter = Counter()
+        self.last_decision: dict = {}
+
+    # -- the model of a step ------------------------------------------------------------------
+    def layer_skip_can_pay(self, w: int) -> tuple[bool, float]:
+        """Whether a layer-skip draft could beat plain decoding at width ``w`` with optimistic
+        acceptance, and the best predicted speedup (cached per width)."""
+        if w not in self._gate:
+            s = self.surface
+            m = round(s.n_layers * (1 - self.assumed_skip_ratio))
+            best = max(expected_tokens(self.optimistic_alpha, g) / (g * s.draft_seconds(w, m) + s.seconds(w, g + 1))
+                       for g in range(1, self.max_draft_len + 1)) * s.seconds(w, 1)
+            self._gate[w] = (best > self.margin, best)
+        return self._gate[w]
+
+    def _ngram_alpha(self, hist: list[int], group: str) -> float:
+        g = self._ng_groups.setdefault(group, _Rate(self.ngram_prior, 2.0))
+        r = self._ng_rows.setdefault(id(hist), _Rate(0.0, 4.0))
+        return r.value(prior=g.value())
+
+    def _ls_alpha(self, group: str) -> float:
+        return self._ls_groups.setdefault(group, _Rate(self.optimistic_alpha, 4.0, decay=0.97)).value()
+
+    def plan(self, ctx: DraftContext) -> dict:
+        """The step's decision: {"drafter", "k", "rate", "plain_rate", "speedup", ...}."""
+        s = self.surface
+        w = len(ctx.histories)
+        groups = ctx.groups if len(ctx.groups) == w else [""] * w
+        limits = ctx.max_draft.clamp(min=0).tolist()
+        plain = s.plain_rate(w)
+        best = {"drafter": "none", "k": 0, "rate": plain}
+        if self.ngram is not None and max(limits, default=0) > 0:
+            drafts = self.ngram.candidates(ctx.histories, limits)
+            alphas = [self._ngram_alpha(h, g) for h, g in zip(ctx.histories, groups)]
+            for q in range(2, max(map(len, drafts)) + 2):
+                tokens = sum(expected_tokens(a, min(len(d), q - 1)) for a, d in zip(alphas, drafts))
+                rate = tokens / s.seconds(w, q)
+                if rate > best["rate"]:
+                    best = {"drafter": "ngram", "k": q - 1, "rate": rate, "drafts": drafts}
+        if self.layer_skip and self.layer_skip_can_pay(w)[0]:
+            for group in sorted(set(groups) & set(self.layer_skip)):
+                rows = [b for b, g in enumerate(groups) if g == group and limits[b] > 0]
+                if not rows:
+                    continue
+                alpha = self._ls_alpha(group)
+                m = s.n_layers - self._skip_size.get(group, round(s.n_layers * self.assumed_skip_ratio))
+                for gamma in range(1, self.max_draft_len + 1):
+                    tokens = w - len(rows) + sum(expected_tokens(alpha, min(gamma, limits[b])) for b in rows)
+                    rate = tokens / (gamma * s.draft_seconds(w, m) + s.seconds(w, gamma + 1))
+                    if rate > best["rate"]:
+                        best = {"drafter": "layerskip", "k": gamma, "rate": rate, "group": group, "rows": rows}
+        if best["rate"] < plain * self.margin:
+            best = {"drafter": "none", "k": 0, "rate": plain}
+        best.update(plain_rate=plain, speedup=best["rate"] / plain, width=w)
+        return best
+
+    # -- the drafter seam ----------------------------------------------------------------------
+    def propose(self, ctx: DraftContext) -> Proposal:
+        d = self.plan(ctx)
+        w = len(ctx.histories)
+        device = ctx.last_tokens.device
+        if d["drafter"] == "ngram":
+            prop = proposal_from([dr[: d["k"]] for dr in d["drafts"]], device, "ngram")
+        elif d["drafter"] == "layerskip":
+            mine = torch.zeros(w, dtype=torch.bool, device=device)
+            mine[d["rows"]] = True
+            limit = ctx.max_draft.clamp(max=d["k"]).masked_fill(~mine, 0)
+            prop = self.layer_skip[d["group"]].propose(dataclasses.replace(ctx, max_draft=limit))
+            if prop.skip:
+                self._skip_size[d["group"]] = len(prop.skip)
+        else:
+            prop = Proposal.empty(w, device)
+        self.decisions[d["drafter"]] += 1
+        self.last_decision = {k: v for k, v in d.items() if k not in ("drafts", "rows")}
+        self._last = {"decision": d, "groups": ctx.groups if len(ctx.groups) == w else [""] * w,
+                      "q": prop.tokens.shape[1] + 1}
+        live = {id(h) for h in ctx.histories}
+        for k in [k for k in self._ng_rows if k not in live]:
+            del self._ng_rows[k]
+        return prop
+
+    def observe(self, outcome: StepOutcome) -> None:
+        last, self._last = self._last, None
+        if last is None:
+            return
+        d = last["decision"]
+        w = len(outcome.lens)
+        self.surface.observe(w, last["q"], outcome.verify_seconds)
+        lens, acc = outcome.lens.tolist(), outcome.accepted.tolist()
+        if d["drafter"] == "ngram":
+            for b, (l, a) in enumerate(zip(lens, acc)):
+                if l:
+                    fail = float(a < l)
+                    self._ng_rows.setdefault(id(outcome.histories[b]), _Rate(0.0, 4.0)).add(a, fail)
+                    self._ng_groups.setdefault(last["groups"][b], _Rate(self.ngram_prior, 2.0)).add(a, fail)
+        elif d["drafter"] == "layerskip":
+            group, rows = d["group"], d["rows"]
+            rate = self._ls_groups.setdefault(group, _Rate(self.optimistic_alpha, 4.0, decay=0.97))
+            for b in rows:
+                if lens[b]:
+                    rate.add(acc[b], float(acc[b] < lens[b]))
+            self.layer_skip[group].observe(outcome.restrict(rows))
+
+    def state(self) -> dict:
+        """What the controller decided and why (for logs and the job's metrics)."""
+        gate = {w: {"can_pay": ok, "optimistic_speedup": round(best, 3)} for w, (ok, best) in sorted(self._gate.items())}
+        off = [w for w, (ok, _) in self._gate.items() if not ok]
+        out = {
+            "decisions": dict(self.decisions),
+            "ngram_acceptance": {g: round(r.value(), 3) for g, r in self._ng_groups.items()},
+            "layerskip_acceptance": {g: round(r.value(), 3) for g, r in self._ls_groups.items()},
+            "layerskip_gate": gate,
+            "surface_observations": self.surface.observations,
+            "last": self.last_decision,
+        }
+        if self.layer_skip and off:
+            out["layerskip"] = (f"off at width {', '.join(map(str, sorted(off)))}: a layer-skip draft cannot beat plain "
+                                f"decoding there even with acceptance {self.optimistic_alpha} (the skip-set search does "
+                                f"not run)")
+        return out

@@ -1,0 +1,243 @@
+"""The cost surface: measured seconds of a forward at (batch width w, query width q), and of a draft pass.
+
+Whether a draft pays depends on what a verify pass over ``q = k + 1`` new tokens costs against a
+plain step (``q = 1``) at the width the engine runs, and on what a draft pass costs. Both depend
+on the device: on the 2-core CPU a q=4 verify costs 1.3x a step at width 1 and 1.8x at width 8;
+on a GPU at small width it is nearly free. So they are measured, not assumed:
+
+- ``calibrate(engine, widths, qs)`` times forwards on a synthetic cache of ``context`` tokens at
+  each (w, q) on the grid, and a forward with half the layers skipped at each w (that gives the
+  fixed share of a step, embedding + LM head + overhead, that a layer-skip draft pass still pays);
+  a few seconds on the CPU for widths up to 64;
+- ``seconds(w, q)`` interpolates (linear in q, in log2 w between measured widths; outside the grid
+  the nearest width scaled by w, q extrapolated linearly); ``draft_seconds(w, layers_run)`` is
+  ``seconds(w, 1) * (fixed + (1 - fixed) * layers_run / L)``;
+- ``observe(w, q, seconds)`` refines the surface online from the engine's own step timings: a
+  per-width correction factor (an exponential average of measured / predicted), so the surface
+  follows the real context length and load, which the calibration cannot know;
+- ``load_or_calibrate`` caches the table in JSON keyed by model, device, dtype, kernel plan and
+  threads (``$CONFLAYERS_CACHE/costs.json``, default ``~/.cache/conflayers``; or a path given,
+  e.g. next to a skip-set registry).
+
+``python -m conflayers.calibrate`` prints the table and draws it as a heatmap.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .kv import KVState
+from .layers import skip_layers
+from .width import _read_cache, _write_cache, default_cache_file, device_name
+
+DEFAULT_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
+DEFAULT_QS = (1, 2, 3, 5, 9)
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Tokens a verify step commits for a chain draft of ``k`` tokens, each accepted with probability
+    ``alpha`` until the first rejection (ALGORITHM.md §9): ``(1 - alpha^(k+1)) / (1 - alpha)``."""
+    if k <= 0:
+        return 1.0
+    if alpha >= 1.0:
+        return k + 1.0
+    return (1.0 - alpha ** (k + 1)) / (1.0 - alpha)
+
+
+@dataclass
+class CostSurface:
+    """``table[w][q]``: seconds of one forward of ``q`` new tokens for ``w`` rows; ``fixed[w]``: the share
+    of a q=1 forward that does not scale with the layers run. ``n_layers``: the model's L."""
+
+    table: dict[int, dict[int, float]]
+    n_layers: int
+    fixed: dict[int, float] = field(default_factory=dict)
+    context: int = 0
+    key: str = ""
+    smoothing: float = 0.1  # weight of one observation in the online correction
+    correction: dict[int, float] = field(default_factory=dict)  # per measured width: measured / predicted
+    observations: int = 0
+
+    def __post_init__(self):
+        self.table = {int(w): {int(q): float(s) for q, s in row.items()} for w, row in self.table.items()}
+        self.fixed = {int(w): float(f) for w, f in self.fixed.items()}
+        bad = [(w, q) for w, row in self.table.items() for q, s in row.items() if not (s > 0 and math.isfinite(s))]
+        if not self.table or any(1 not in row for row in self.table.values()) or bad:
+            raise ValueError("a cost surface needs positive seconds at q=1 for every width it holds"
+                             + (f"; bad cells {bad[:3]}" if bad else ""))
+        self.widths = sorted(self.table)
+
+    # -- prediction ----------------------------------------------------------------------------
+    def _row_seconds(self, w: int, q: int) -> float:
+        row = self.table[w]
+        qs = sorted(row)
+        if q in row:
+            s = row[q]
+        elif len(qs) == 1:
+            s = row[qs[0]] * q / qs[0]
+        else:
+            i = min(max(bisect.bisect_left(qs, q), 1), len(qs) - 1)  # the segment around q (or the last one)
+            q0, q1 = qs[i - 1], qs[i]
+            s = row[q0] + (row[q1] - row[q0]) * (q - q0) / (q1 - q0)
+        return s * self.correction.get(w, 1.0)
+
+    def _around(self, w: int) -> tuple[int, int, float]:
+        """The measured widths around ``w`` and the interpolation weight in log2 w."""
+        ws = self.widths
+        if w <= ws[0]:
+            return ws[0], ws[0], 0.0
+        if w >= ws[-1]:
+            return ws[-1], ws[-1], 0.0
+        i = bisect.bisect_left(ws, w)
+        w0, w1 = ws[i - 1], ws[i]
+        if w1 == w:
+            return w, w, 0.0
+        return w0, w1, (math.log2(w) - math.log2(w0)) / (math.log2(w1) - math.log2(w0))
+
+    def seconds(self, w: int, q: int = 1) -> float:
+        """Predicted seconds of one forward of ``q`` new tokens for ``w`` rows."""
+        w, q = max(1, int(w)), max(1, int(q))
+        w0, w1, t = self._around(w)
+        s = (1 - t) * self._row_seconds(w0, q) + t * self._row_seconds(w1, q)
+        if w > self.widths[-1]:  # wider than measured: assume the cost scales with the rows
+            s *= w / self.widths[-1]
+        return s
+
+    def fixed_share(self, w: int) -> float:
+        if not self.fixed:
+            return 0.2  # embedding + LM head + overhead; ALGORITHM.md §9 measured ~21% on SmolLM2
+        w0, w1, t = self._around(w)
+        f0, f1 = self.fixed.get(w0, 0.2), self.fixed.get(w1, 0.2)
+        return min(1.0, max(0.0, (1 - t) * f0 + t * f1))
+
+    def draft_seconds(self, w: int, layers_run: int) -> float:
+        """Predicted seconds of one draft pass (q=1) running ``layers_run`` of the L layers."""
+        f = self.fixed_share(w)
+        return self.seconds(w, 1) * (f + (1 - f) * max(0, layers_run) / self.n_layers)
+
+    def plain_rate(self, w: int) -> float:
+        """Tokens/s of plain decoding at width ``w``."""
+        return w / self.seconds(w, 1)
+
+    # -- online refinement --------------------------------------------------------------------
+    def observe(self, w: int, q: int, seconds: float) -> None:
+        """Fold a measured forward into the correction of the nearest measured width."""
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        w0, w1, t = self._around(max(1, int(w)))
+        near = w0 if t < 0.5 else w1
+        pred = self.seconds(w, q)
+        ratio = min(10.0, max(0.1, seconds / pred))
+        c = self.correction.get(near, 1.0)
+        self.correction[near] = c * (1 - self.smoothing) + c * ratio * self.smoothing
+        self.observations += 1
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def as_dict(self) -> dict:
+        return {"table": {str(w): {str(q): s for q, s in row.items()} for w, row in self.table.items()},
+                "fixed": {str(w): f for w, f in self.fixed.items()}, "n_layers": self.n_layers,
+                "context": self.context, "key": self.key}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostSurface":
+        try:
+            return cls(table=d["table"], n_layers=int(d["n_layers"]), fixed=d.get("fixed") or {},
+                       context=int(d.get("context") or 0), key=str(d.get("key") or ""))
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"not a cost surface: {e}") from None
+
+    def text_table(self) -> str:
+        qs = sorted({q for row in self.table.values() for q in row})
+        head = ["width", *(f"q={q} ms" for q in qs), *(f"q={q}/q=1" for q in qs[1:]), "fixed share", "plain tok/s"]
+        rows = []
+        for w in self.widths:
+            row = self.table[w]
+            rows.append([str(w), *(f"{row[q] * 1e3:.1f}" if q in row else "-" for q in qs),
+                         *(f"{row[q] / row[1]:.2f}" if q in row else "-" for q in qs[1:]),
+                         f"{self.fixed[w]:.2f}" if w in self.fixed else "-", f"{w / row[1]:.1f}"])
+        widths = [max(len(h), *(len(r[c]) for r in rows)) for c, h in enumerate(head)]
+        lines = ["| " + " | ".join(h.ljust(n) for h, n in zip(head, widths)) + " |",
+                 "|" + "|".join("-" * (n + 2) for n in widths) + "|"]
+        lines += ["| " + " | ".join(v.ljust(n) for v, n in zip(r, widths)) + " |" for r in rows]
+        return "\n".join(lines)
+
+
+def surface_key(engine) -> str:
+    cfg = engine.model.config
+    return "|".join([getattr(engine.model, "name_or_path", "") or cfg.model_type, f"L{engine.n_layers}",
+                     f"H{cfg.hidden_size}", str(next(engine.model.parameters()).dtype), device_name(engine.device),
+                     engine.kernel_plan.name, f"threads{torch.get_num_threads()}"])
+
+
+def _time_cells(kv: KVState, cells: list[tuple[str, int]], model, half, reps: int, cuda: bool) -> dict:
+    """Min seconds per cell (``("full"|"half", q)``) over ``reps`` rounds after a warm-up round; the cells
+    are interleaved in a rotated order, so a slow spell of a shared machine hits them all alike."""
+    times: dict = {c: [] for c in cells}
+    for rep in range(reps + 1):
+        shift = rep % len(cells)
+        for cell in cells[shift:] + cells[:shift]:
+            kind, q = cell
+            tokens = torch.ones(kv.n, q, dtype=torch.long, device=kv.device)
+            with skip_layers(model, half if kind == "half" else ()):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                kv.forward(tokens)
+                if cuda:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            kv.rollback()
+            if rep:
+                times[cell].append(dt)
+    return {c: min(t) for c, t in times.items()}  # other load on a shared machine only adds time
+
+
+@torch.inference_mode()
+def calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256, reps: int = 3) -> CostSurface:
+    """Measure the surface on ``engine``'s device (a synthetic cache: the cost does not depend on what it holds)."""
+    widths, qs = sorted({int(w) for w in widths}), sorted({int(q) for q in qs} | {1})
+    if not widths or widths[0] < 1 or qs[0] < 1:
+        raise ValueError(f"widths and qs must be integers >= 1, got {widths} and {qs}")
+    cuda = engine.device.type == "cuda"
+    L = engine.n_layers
+    half = frozenset(range(1, L, 2))  # every other layer: a typical ConfLayers skip ratio
+    table, fixed = {}, {}
+    for w in widths:
+        kv = KVState(engine.model, slots=w, columns=context + max(qs) + 8)
+        zeros = torch.zeros(w, dtype=torch.long, device=engine.device)
+        kv.forward(torch.ones(w, 1, dtype=torch.long, device=engine.device), rows=(0, w), offsets=zeros)
+        kv.lengths[:] = context
+        kv.n = w
+        cells = [("full", q) for q in qs] + ([("half", 1)] if half else [])
+        t = _time_cells(kv, cells, engine.model, half, reps, cuda)
+        table[w] = {q: t[("full", q)] for q in qs}
+        if half:
+            run = (L - len(half)) / L  # share of the layers the half pass runs
+            # t_half = t_full * (f + (1 - f) * run)  =>  f = (t_half / t_full - run) / (1 - run)
+            fixed[w] = min(1.0, max(0.0, (t[("half", 1)] / table[w][1] - run) / (1 - run)))
+    return CostSurface(table, L, fixed, context=context, key=surface_key(engine))
+
+
+def load_or_calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256,
+                      cache_file: str | Path | None = None, fresh: bool = False) -> tuple[CostSurface, bool]:
+    """The cached surface for this model x device x dtype x kernels x threads if it covers ``widths``
+    and ``qs`` (and not ``fresh``), else a new calibration (cached). Returns (surface, came from the cache)."""
+    path = Path(cache_file) if cache_file else default_cache_file().with_name("costs.json")
+    key = surface_key(engine)
+    raw = None if fresh else _read_cache(path).get(key)
+    if raw:
+        try:
+            s = CostSurface.from_dict(raw)
+            if set(widths) <= set(s.table) and all(set(qs) <= set(s.table[w]) for w in widths):
+                return s, True
+        except ValueError:
+            pass
+    s = calibrate(engine, widths, qs, context)
+    _write_cache(path, key, s.as_dict())
+    return s, False
