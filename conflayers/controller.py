@@ -17,8 +17,9 @@ controller predicts the batch's tokens/s for
 and runs the best one if it beats plain decoding by ``margin``, else plain decoding.
 
 Acceptance is estimated online, as a per-token Bernoulli rate: each verified draft of length ``l``
-with ``a`` accepted tokens counts ``a`` successes and one failure if ``a < l``. n-gram: per row,
-shrunk toward its group's pooled rate (a per-dataset prior). Layer skip: per group, decayed so it
+with ``a`` accepted tokens counts ``a`` successes and one failure if ``a < l``; older steps weigh
+less (a row copies its input in one stretch and not in the next). n-gram: per row, shrunk toward
+its group's pooled rate (a per-dataset prior). Layer skip: per group, decayed so it
 follows the searcher's changing sets, starting from an optimistic prior so a set gets tried.
 Measured verify times refine the surface (``CostSurface.observe``).
 
@@ -105,13 +106,18 @@ class AutoDrafter:
             self._gate[w] = (best > self.margin, best)
         return self._gate[w]
 
-    def _ngram_alpha(self, hist: list[int], group: str) -> float:
-        g = self._ng_groups.setdefault(group, _Rate(self.ngram_prior, 2.0))
-        r = self._ng_rows.setdefault(id(hist), _Rate(0.0, 4.0))
-        return r.value(prior=g.value())
+    # acceptance estimates: a row's n-gram rate is shrunk toward its group's; layer skip is per group
+    def _ng_group(self, group: str) -> _Rate:
+        return self._ng_groups.setdefault(group, _Rate(self.ngram_prior, 2.0, decay=0.98))
 
-    def _ls_alpha(self, group: str) -> float:
-        return self._ls_groups.setdefault(group, _Rate(self.optimistic_alpha, 4.0, decay=0.97)).value()
+    def _ng_row(self, hist: list[int]) -> _Rate:
+        return self._ng_rows.setdefault(id(hist), _Rate(0.0, 4.0, decay=0.9))
+
+    def _ls_group(self, group: str) -> _Rate:
+        return self._ls_groups.setdefault(group, _Rate(self.optimistic_alpha, 4.0, decay=0.97))
+
+    def _ngram_alpha(self, hist: list[int], group: str) -> float:
+        return self._ng_row(hist).value(prior=self._ng_group(group).value())
 
     def plan(self, ctx: DraftContext) -> dict:
         """The step's decision: {"drafter", "k", "rate", "plain_rate", "speedup", ...}."""
@@ -134,7 +140,7 @@ class AutoDrafter:
                 rows = [b for b, g in enumerate(groups) if g == group and limits[b] > 0]
                 if not rows:
                     continue
-                alpha = self._ls_alpha(group)
+                alpha = self._ls_group(group).value()
                 m = s.n_layers - self._skip_size.get(group, round(s.n_layers * self.assumed_skip_ratio))
                 for gamma in range(1, self.max_draft_len + 1):
                     tokens = w - len(rows) + sum(expected_tokens(alpha, min(gamma, limits[b])) for b in rows)
@@ -183,11 +189,11 @@ class AutoDrafter:
             for b, (l, a) in enumerate(zip(lens, acc)):
                 if l:
                     fail = float(a < l)
-                    self._ng_rows.setdefault(id(outcome.histories[b]), _Rate(0.0, 4.0)).add(a, fail)
-                    self._ng_groups.setdefault(last["groups"][b], _Rate(self.ngram_prior, 2.0)).add(a, fail)
+                    self._ng_row(outcome.histories[b]).add(a, fail)
+                    self._ng_group(last["groups"][b]).add(a, fail)
         elif d["drafter"] == "layerskip":
             group, rows = d["group"], d["rows"]
-            rate = self._ls_groups.setdefault(group, _Rate(self.optimistic_alpha, 4.0, decay=0.97))
+            rate = self._ls_group(group)
             for b in rows:
                 if lens[b]:
                     rate.add(acc[b], float(acc[b] < lens[b]))
