@@ -9,7 +9,9 @@ import sys
 import time
 from pathlib import Path
 
-from .drafters import FixedSkip, LayerSkipDrafter, NoDrafter
+from .controller import DRAFTERS, build_drafter, surface_grid
+from .costs import load_or_calibrate
+from .drafters import FixedSkip, LayerSkipDrafter
 from .registry import entry_from_policy, save_entry
 from .search import OBJECTIVES, SEARCHERS, make_policy
 from .engine import Engine, GenerationConfig
@@ -93,15 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--drafter", choices=DRAFTERS, default="auto",
+                   help="auto (default): per step, n-gram, layer skip or nothing, whichever the measured cost surface "
+                        "predicts commits the most tokens/s; ngram: prompt lookup; layerskip: the model with layers "
+                        "skipped (--skip-layers or --searcher, default the conflayers search); none: plain decoding")
     p.add_argument(
-        "--skip-layers", type=parse_layers, default=None, help="e.g. 3,5,7; not given = plain decoding"
+        "--skip-layers", type=parse_layers, default=None, help="a fixed skip set for layer-skip drafts, e.g. 3,5,7"
     )
-    p.add_argument("--stop-threshold", type=float, default=0.8, help="draft stops below this top-1 probability")
+    p.add_argument("--stop-threshold", type=float, default=0.8, help="layer-skip draft stops below this top-1 probability")
     p.add_argument("--max-draft", type=int, default=8, help="most tokens drafted per step")
+    p.add_argument("--ngram", type=int, default=3, help="n-gram drafter: longest suffix looked up (default 3)")
+    p.add_argument("--costs", help="cost-surface cache JSON for --drafter auto (default: ~/.cache/conflayers/costs.json)")
     p.add_argument("--json", action="store_true", help="one JSON object per prompt instead of text and a table")
     s = p.add_argument_group("skip-set search (all prompts run as one stream through one searcher)")
     s.add_argument("--searcher", choices=SEARCHERS, default=None,
-                   help="how the skip set is chosen; not given: --skip-layers or plain decoding")
+                   help="how the layer-skip set is chosen (default: --skip-layers if given, else conflayers)")
     s.add_argument("--objective", choices=OBJECTIVES, default="throughput",
                    help="conflayers: score sets by measured tokens/s (default) or by acceptance (the paper's)")
     s.add_argument("--rho", type=float, default=None, help="conflayers: minimum skip ratio (0.4)")
@@ -116,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def stats_table(rows: list[dict]) -> str:
-    head = ["#", "new", "steps", "drafted", "accepted", "acc.rate", "tau", "prefill s", "decode s", "tok/s", "finish"]
+    head = ["#", "new", "steps", "drafted", "accepted", "acc.rate", "tau", "prefill s", "decode s", "tok/s", "drafters",
+            "finish"]
     lines = []
     for i, s in enumerate(rows):
         tps = s["new_tokens"] / s["decode_seconds"] if s["decode_seconds"] else float("nan")
@@ -124,7 +133,8 @@ def stats_table(rows: list[dict]) -> str:
         lines.append(
             [str(i), str(s["new_tokens"]), str(s["steps"]), str(s["drafted"]), str(s["accepted"]),
              fmt(s["acceptance_rate"]), fmt(s["tau"]), f"{s['prefill_seconds']:.2f}", f"{s['decode_seconds']:.2f}",
-             f"{tps:.1f}", s["finish_reason"]]
+             f"{tps:.1f}", " ".join(f"{k}:{v}" for k, v in sorted(s["drafter_steps"].items())) or "-",
+             s["finish_reason"]]
         )
     widths = [max(len(h), *(len(r[c]) for r in lines)) for c, h in enumerate(head)]
     out = ["  ".join(h.rjust(w) for h, w in zip(head, widths))]
@@ -168,14 +178,16 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(model, args.kernels)
         dataset = args.dataset or (Path(args.prompts_file).stem if args.prompts_file else "demo")
         policy = None
-        if args.searcher is not None:
-            policy = build_policy(args, model, dataset)
-            drafter = LayerSkipDrafter(model, policy, args.stop_threshold, args.max_draft)
-        elif args.skip_layers is None:
-            drafter = NoDrafter()
-        else:
-            skip = validate_skip_set(args.skip_layers, engine.n_layers)
-            drafter = LayerSkipDrafter(model, FixedSkip(skip), args.stop_threshold, args.max_draft)
+        layer_skip = args.drafter in ("auto", "layerskip")
+        if not layer_skip and (args.searcher is not None or args.skip_layers is not None):
+            raise ValueError(f"--searcher / --skip-layers choose layer-skip drafts; --drafter {args.drafter} makes none")
+        if layer_skip:
+            if args.searcher is None and args.skip_layers is None:
+                args.searcher = "conflayers"
+            if args.searcher is not None:
+                policy = build_policy(args, model, dataset)
+            else:
+                policy = FixedSkip(validate_skip_set(args.skip_layers, engine.n_layers))
         ids = encode_prompts(tokenizer, prompts)
         budget = None if args.kv_cache_gb is None else int(args.kv_cache_gb * 2**30)
         width = args.batch_size
@@ -184,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
             width = choose_width(engine, budget, row_tokens=row_tokens, max_width=len(ids)).width
         width = min(width, len(ids))
         engine._check_prompts(ids)
+        surface = None
+        if args.drafter == "auto":
+            surface, _ = load_or_calibrate(engine, *surface_grid(width, args.max_draft), cache_file=args.costs)
+        drafter = build_drafter(
+            args.drafter, model, LayerSkipDrafter(model, policy, args.stop_threshold, args.max_draft) if policy else None,
+            surface, args.max_draft, args.ngram)
     except (ValueError, FileNotFoundError, ConnectionError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -206,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     wall = time.perf_counter() - t0
     all_stats = [stats_by_index[i] for i in sorted(stats_by_index)]
-    state = policy.state() if policy is not None else None
+    state = policy.state() if hasattr(policy, "state") else None
     if state is not None and args.registry and args.searcher == "conflayers":
         if state["phase"] == "search":
             state["registry"] = "not saved: the search had not settled"
@@ -219,14 +237,20 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
     if state is not None and args.json:
         print(json.dumps({"searcher_state": state}), flush=True)
+    if args.json and args.drafter == "auto":
+        print(json.dumps({"drafter_state": drafter.state()}), flush=True)
     if not args.json:
         total = sum(s["new_tokens"] for s in all_stats)
         print()
         print(stats_table(all_stats))
-        mode = "plain decoding" if args.skip_layers is None else f"skip {sorted(set(args.skip_layers))}"
+        mode = f"drafter {args.drafter}"
+        if args.skip_layers is not None:
+            mode += f", skip {sorted(set(args.skip_layers))}"
         if state is not None:
-            mode = f"searcher {args.searcher}"
+            mode += f", searcher {args.searcher}"
             print("searcher: " + json.dumps(state))
+        if hasattr(drafter, "state") and args.drafter == "auto":
+            print("drafter auto: " + json.dumps(drafter.state()))
         print(f"\n{len(all_stats)} prompts, {total} tokens in {wall:.1f} s ({total / wall:.1f} tok/s), "
               f"width {width}{' (auto)' if args.batch_size == 'auto' else ''}, {mode}, {args.model} on {args.device}, kernels {engine.kernel_plan.name}")
     return 0

@@ -136,6 +136,7 @@ class AutoDrafter:
                 if rate > best["rate"]:
                     best = {"drafter": "ngram", "k": q - 1, "rate": rate, "drafts": drafts}
         if self.layer_skip and self.layer_skip_can_pay(w)[0]:
+            fallback = best if best["rate"] >= plain * self.margin else {"drafter": "none", "k": 0, "rate": plain}
             for group in sorted(set(groups) & set(self.layer_skip)):
                 rows = [b for b, g in enumerate(groups) if g == group and limits[b] > 0]
                 if not rows:
@@ -146,7 +147,8 @@ class AutoDrafter:
                     tokens = w - len(rows) + sum(expected_tokens(alpha, min(gamma, limits[b])) for b in rows)
                     rate = tokens / (gamma * s.draft_seconds(w, m) + s.seconds(w, gamma + 1))
                     if rate > best["rate"]:
-                        best = {"drafter": "layerskip", "k": gamma, "rate": rate, "group": group, "rows": rows}
+                        best = {"drafter": "layerskip", "k": gamma, "rate": rate, "group": group, "rows": rows,
+                                "fallback": fallback}
         if best["rate"] < plain * self.margin:
             best = {"drafter": "none", "k": 0, "rate": plain}
         best.update(plain_rate=plain, speedup=best["rate"] / plain, width=w)
@@ -166,10 +168,15 @@ class AutoDrafter:
             prop = self.layer_skip[d["group"]].propose(dataclasses.replace(ctx, max_draft=limit))
             if prop.skip:
                 self._skip_size[d["group"]] = len(prop.skip)
+            if prop.passes == 0 and d["fallback"]["drafter"] == "ngram":
+                # the searcher chose plain decoding for this step (its own measurement of plain speed);
+                # the n-gram drafts still ride along, and the searcher still observes the step
+                prop = proposal_from([dr[: d["fallback"]["k"]] for dr in d["fallback"]["drafts"]], device, "ngram")
+                d = {**d, "drafter": "ngram", "k": d["fallback"]["k"], "searcher_step": True}
         else:
             prop = Proposal.empty(w, device)
         self.decisions[d["drafter"]] += 1
-        self.last_decision = {k: v for k, v in d.items() if k not in ("drafts", "rows")}
+        self.last_decision = {k: v for k, v in d.items() if k not in ("drafts", "rows", "fallback")}
         self._last = {"decision": d, "groups": ctx.groups if len(ctx.groups) == w else [""] * w,
                       "q": prop.tokens.shape[1] + 1}
         live = {id(h) for h in ctx.histories}
@@ -185,6 +192,8 @@ class AutoDrafter:
         w = len(outcome.lens)
         self.surface.observe(w, last["q"], outcome.verify_seconds)
         lens, acc = outcome.lens.tolist(), outcome.accepted.tolist()
+        if d.get("searcher_step"):  # the searcher asked for this step: it sees it (as a plain step of its own)
+            self.layer_skip[d["group"]].observe(outcome.restrict(d["rows"]))
         if d["drafter"] == "ngram":
             for b, (l, a) in enumerate(zip(lens, acc)):
                 if l:
@@ -216,3 +225,34 @@ class AutoDrafter:
                                 f"decoding there even with acceptance {self.optimistic_alpha} (the skip-set search does "
                                 f"not run)")
         return out
+
+
+def surface_grid(width: int, max_draft_len: int) -> tuple[list[int], list[int]]:
+    """The (widths, qs) a controller running at ``width`` with drafts of up to ``max_draft_len`` needs."""
+    widths = sorted({w for w in (2**i for i in range(width.bit_length())) if w <= width} | {width})
+    qs = sorted({1, 2, 3, 5, max_draft_len + 1} & set(range(1, max_draft_len + 2)))
+    return widths, qs
+
+
+def build_drafter(kind: str, model, layer_skip: dict[str, Drafter] | Drafter | None = None,
+                  surface: CostSurface | None = None, max_draft_len: int = 8, ngram_max: int = 3,
+                  ngram_min: int = 1) -> Drafter:
+    """The drafter for ``drafter: auto | ngram | layerskip | none``. ``layer_skip``: the layer-skip
+    drafter(s) (per group) that ``layerskip`` runs and ``auto`` may choose; ``auto`` needs ``surface``."""
+    from .drafters import NoDrafter
+    from .router import GroupRouter
+
+    if kind not in DRAFTERS:
+        raise ValueError(f"drafter must be one of {DRAFTERS}, got {kind!r}")
+    if kind == "none":
+        return NoDrafter()
+    if kind == "ngram":
+        return NgramDrafter(ngram_max, ngram_min, max_draft_len)
+    if kind == "layerskip":
+        if not layer_skip:
+            raise ValueError("drafter layerskip needs a skip-set policy (a searcher or a fixed set)")
+        return GroupRouter(layer_skip) if isinstance(layer_skip, dict) else layer_skip
+    if surface is None:
+        raise ValueError("drafter auto needs a cost surface (conflayers.costs.load_or_calibrate)")
+    return AutoDrafter(surface, NgramDrafter(ngram_max, ngram_min, max_draft_len), layer_skip or None,
+                       max_draft_len=max_draft_len)

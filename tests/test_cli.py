@@ -15,9 +15,21 @@ def run_cli(*args, timeout=600):
 
 def test_json_output_speculative_equals_plain(tmp_path):
     f = tmp_path / "p.jsonl"
-    f.write_text(json.dumps({"prompt": "Name two colours."}) + "\n\n" + json.dumps({"prompt": "What is 2+2?"}) + "\n")
-    plain = run_cli("--prompts-file", str(f), "--max-new-tokens", "12", "--json")
-    spec = run_cli("--prompts-file", str(f), "--max-new-tokens", "12", "--json", "--skip-layers", "14", "--batch-size", "2")
+    f.write_text(json.dumps({"prompt": "Name two colours."}) + "\n\n" + json.dumps({"prompt": "Repeat: red, green, red, green."}) + "\n")
+    common = ("--prompts-file", str(f), "--max-new-tokens", "12", "--json")
+    plain = run_cli(*common, "--drafter", "none")
+    spec = run_cli(*common, "--drafter", "layerskip", "--skip-layers", "14", "--batch-size", "2")
+    auto = run_cli(*common, "--costs", str(tmp_path / "costs.json"))  # drafter auto is the default
+    ngram = run_cli(*common, "--drafter", "ngram", "--batch-size", "1")
+    for r in (auto, ngram):
+        assert r.returncode == 0, r.stderr
+        rows = sorted((json.loads(line) for line in r.stdout.splitlines() if '"index"' in line), key=lambda r: r["index"])
+        assert [r["output"] for r in rows] == [json.loads(line)["output"] for line in sorted(
+            plain.stdout.splitlines(), key=lambda l: json.loads(l)["index"])]
+        assert all(sum(r["drafter_steps"].values()) == r["steps"] for r in rows)
+    assert (tmp_path / "costs.json").exists()  # auto measured the cost surface and cached it
+    state = [json.loads(line)["drafter_state"] for line in auto.stdout.splitlines() if "drafter_state" in line]
+    assert state and sum(state[0]["decisions"].values()) > 0
     assert plain.returncode == 0, plain.stderr
     assert spec.returncode == 0, spec.stderr
     p_rows = [json.loads(line) for line in plain.stdout.splitlines()]
@@ -45,6 +57,8 @@ def test_json_output_speculative_equals_plain(tmp_path):
         (["--batch-size", "0"], "--batch-size takes auto or an integer >= 1, got '0'"),
         (["--kernels", "fast"], "invalid choice: 'fast'"),
         (["--kv-cache-gb", "-1"], "--kv-cache-gb must be > 0"),
+        (["--drafter", "ngram", "--skip-layers", "3"], "--drafter ngram makes none"),
+        (["--drafter", "fast"], "invalid choice: 'fast'"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_message(args, message):
