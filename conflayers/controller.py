@@ -254,5 +254,5 @@ def build_drafter(kind: str, model, layer_skip: dict[str, Drafter] | Drafter | N
         return GroupRouter(layer_skip) if isinstance(layer_skip, dict) else layer_skip
     if surface is None:
         raise ValueError("drafter auto needs a cost surface (conflayers.costs.load_or_calibrate)")
-    return AutoDrafter(surface, NgramDrafter(ngram_max, ngram_min, max_draft_len), layer_skip or None,
+    return AutoDrafter(surface, NgramDrafter(ngram_max, ngram_min, max_draft_len), layer_skip,
                        max_draft_len=max_draft_len)

@@ -6,10 +6,13 @@ cluster-wide best set when it has one). Per batch (hundreds of rows):
 
 1. turn each row into token ids; unusable rows (too long, bad prompt) become error rows;
 2. stream every row through the continuous engine, each with its own token budget, freed slots
-   refilled at once. Rows of all datasets share the decode batch; a layer-skip draft pass runs
-   one skip set for the whole forward, so ``conflayers.router.GroupRouter`` gives the datasets in
-   the batch the draft in turn (the others' rows decode plainly that step), each under its own
-   dataset's policy;
+   refilled at once, under ``search.drafter``. Rows of all datasets share the decode batch. With
+   ``auto`` (default) one controller per actor (``conflayers.controller.AutoDrafter``) picks per
+   step n-gram drafts (per row), a layer-skip draft for one dataset's rows (a draft pass runs one
+   skip set for the whole forward; the other rows decode plainly that step), or plain decoding,
+   whichever the cost surface predicts commits the most tokens/s; the surface is measured once
+   per kind of accelerator and shared through the coordinator. ``layerskip`` gives the datasets
+   the draft in turn (``conflayers.router.GroupRouter``), each under its own dataset's policy;
 3. the rows picked for the baseline (a fraction, and at least a few per dataset) stream on their
    own, once under the policies and once with plain decoding: same actor, same rows, same width;
 4. report the batch's observations to the coordinator, write the batch's rows to one Parquet file
@@ -58,6 +61,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("acceptance_rate", pa.float64()),
         ("tau", pa.float64()),
         ("accept_hist", pa.list_(pa.int64())),
+        ("plain_steps", pa.int64()),  # steps by what was verified: no draft, an n-gram draft, a layer-skip draft
+        ("ngram_steps", pa.int64()),
+        ("layerskip_steps", pa.int64()),
         ("skip_set", pa.list_(pa.int64())),
         ("baseline", pa.bool_()),
         ("baseline_num_generated_tokens", pa.int64()),
@@ -118,6 +124,7 @@ class GenerationActor:
         self.model_id = model_identity(self.model)
         self.actor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.policies: dict[str, object] = {}
+        self.auto = None  # the drafter: auto controller, made at the first batch
         self.baseline_count: Counter = Counter()
         self.coordinator = None
         if coordinator:
@@ -146,13 +153,50 @@ class GenerationActor:
                                                  s.registry)
         return self.policies[dataset]
 
-    def _drafter(self, policy):
-        from conflayers import LayerSkipDrafter, NoDrafter
+    def _drafter(self, datasets: list[str]):
+        """The drafter for a batch's rows (``search.drafter``). ``auto``: one controller per actor, so
+        its acceptance estimates and the refined cost surface carry over from batch to batch; each
+        dataset's layer-skip drafts run under that dataset's policy."""
+        from conflayers import LayerSkipDrafter
+        from conflayers.controller import build_drafter
 
-        if policy is None:  # the plain-decoding baseline
-            return NoDrafter()
         s = self.cfg.search
-        return LayerSkipDrafter(self.model, policy, s.stop_threshold, s.max_draft_len)
+        layer_skip = None
+        if s.drafter in ("auto", "layerskip"):
+            layer_skip = {d: LayerSkipDrafter(self.model, self._policy(d), s.stop_threshold, s.max_draft_len)
+                          for d in datasets}
+        if s.drafter != "auto":
+            return build_drafter(s.drafter, self.model, layer_skip, None, s.max_draft_len, s.ngram_max)
+        if self.auto is None:
+            self.auto = build_drafter("auto", self.model, {}, self._surface(), s.max_draft_len, s.ngram_max)
+        for d, drafter in layer_skip.items():
+            self.auto.layer_skip.setdefault(d, drafter)
+        return self.auto
+
+    def _surface(self):
+        """The cost surface for this accelerator: the coordinator's if another actor measured it,
+        else the cache file's, else measured now (and shared)."""
+        from conflayers.controller import surface_grid
+        from conflayers.costs import CostSurface, load_or_calibrate, surface_key
+
+        widths, qs = surface_grid(self.width, self.cfg.search.max_draft_len)
+        key = surface_key(self.engine)
+        if self.coordinator is not None:
+            import ray
+
+            raw = ray.get(self.coordinator.surface.remote(key))
+            if raw:
+                s = CostSurface.from_dict(raw)
+                if set(widths) <= set(s.table) and all(set(qs) <= set(s.table[w]) for w in widths):
+                    return s
+        s = self.cfg.search
+        cache = s.costs or (os.path.join(os.path.dirname(os.path.abspath(s.registry)), "costs.json")
+                            if s.registry else None)
+        surface, cached = load_or_calibrate(self.engine, widths, qs, cache_file=cache)
+        log.warning("cost surface for %s: %s", key, "from the cache" if cached else "measured")
+        if self.coordinator is not None:
+            self.coordinator.put_surface.remote(key, surface.as_dict())
+        return surface
 
     def _gen_config(self):
         """Sampling for every row; each row's token budget travels with its ``Request``."""
@@ -186,7 +230,7 @@ class GenerationActor:
 
     # -- the batch ------------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from conflayers import GroupRouter, Request
+        from conflayers import NoDrafter, Request
 
         self._crash_once()
         rows = batch.to_pylist()
@@ -223,12 +267,12 @@ class GenerationActor:
                     self.baseline_count[dataset] += 1
                 else:
                     rest.append(item)
-        router = GroupRouter({d: self._drafter(self._policy(d)) for d in todo}) if todo else None
+        drafter = self._drafter(sorted(todo)) if todo else None
         per_dataset: dict[str, dict] = defaultdict(lambda: Counter())
         for group, is_base in ((base, True), (rest, False)):
             if not group:
                 continue
-            results, secs = self._decode(group, router)
+            results, secs = self._decode(group, drafter)
             tokens = sum(r.stats.new_tokens for r in results.values()) or 1
             for i, r in results.items():
                 if r.error:
@@ -247,7 +291,7 @@ class GenerationActor:
                 obs["seconds"] += share
             if is_base:
                 ok = [(i, req) for i, req in group if not results[i].error]
-                plain, psecs = self._decode(ok, self._drafter(None)) if ok else ({}, 0.0)
+                plain, psecs = self._decode(ok, NoDrafter()) if ok else ({}, 0.0)
                 ptokens = sum(r.stats.new_tokens for r in plain.values()) or 1
                 for i, r in plain.items():
                     rec = out[i]
@@ -286,3 +330,6 @@ class GenerationActor:
         for k in ("finish_reason", "prefill_seconds", "decode_seconds", "steps", "drafted", "accepted",
                   "acceptance_rate", "tau", "accept_hist", "skip_set"):
             rec[k] = s[k]
+        for k in ("ngram", "layerskip"):
+            rec[f"{k}_steps"] = s["drafter_steps"].get(k, 0)
+        rec["plain_steps"] = s["drafter_steps"].get("none", 0)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 SEARCHERS = ("conflayers", "static", "swift", "none", "cached")
+DRAFTERS = ("auto", "ngram", "layerskip", "none")  # conflayers.controller.DRAFTERS (no torch import here)
 FORMATS = ("records", "specbench", "gsm8k")
 FILE_FORMATS = ("auto", "jsonl", "parquet", "csv")
 DEVICES = ("auto", "cpu", "cuda")
@@ -61,6 +62,9 @@ class GenerationSettings:
 
 @dataclass
 class SearchConfig:
+    drafter: str = "auto"  # auto (per step: ngram / layerskip / none by the cost surface) | ngram | layerskip | none
+    ngram_max: int = 3  # n-gram drafter: longest suffix looked up
+    costs: Optional[str] = None  # cost-surface cache JSON; None: next to `registry` if set, else ~/.cache/conflayers
     searcher: str = "conflayers"
     skip_layers: list[int] = field(default_factory=lambda: [12, 16, 20, 24])
     stop_threshold: float = 0.8
@@ -137,6 +141,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     _check(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
     _check(g.top_k >= 0, "generation.top_k", f"must be >= 0, got {g.top_k}")
     s = cfg.search
+    _check(s.drafter in DRAFTERS, "search.drafter", f"must be one of {DRAFTERS}, got {s.drafter!r}")
+    _check(s.ngram_max >= 1, "search.ngram_max", f"must be >= 1, got {s.ngram_max}")
     _check(s.searcher in SEARCHERS, "search.searcher", f"must be one of {SEARCHERS}, got {s.searcher!r}")
     _check(0 <= s.stop_threshold <= 1, "search.stop_threshold", f"must be in [0, 1], got {s.stop_threshold}")
     _check(s.max_draft_len >= 1, "search.max_draft_len", f"must be >= 1, got {s.max_draft_len}")

@@ -3,7 +3,9 @@
 Generation actors ``report`` what they measured under a skip set (rows, tokens, seconds, steps,
 accepted/drafted, plain-decoding tokens and seconds, search iterations) and ask for ``best`` when
 they start a dataset, so an actor that joins late starts from the cluster-wide best set instead of
-searching from scratch. At the end of the run the driver takes ``summary()`` and writes it out.
+searching from scratch. Actors share the cost surface they measured per accelerator type
+(``surface`` / ``put_surface``), so only the first actor on a kind of device calibrates. At the end
+of the run the driver takes ``summary()`` and writes it out.
 
 ``Coordinator`` is a plain class (tested without Ray); ``start_coordinator`` makes it a named actor.
 """
@@ -24,6 +26,14 @@ class Coordinator:
         self.settled: dict[str, set] = defaultdict(set)  # sets an actor stood by (not candidates under test)
         self.model: dict = {}
         self.latest: dict[str, list[int]] = {}  # the set each dataset's policy stood on at its last report
+        self.surfaces: dict[str, dict] = {}  # cost surface per model x accelerator x dtype x kernels x threads
+
+    def surface(self, key: str) -> dict | None:
+        """A cost surface another actor measured on the same kind of accelerator (``drafter: auto``)."""
+        return self.surfaces.get(key)
+
+    def put_surface(self, key: str, surface: dict) -> None:
+        self.surfaces.setdefault(key, surface)
 
     def report(self, dataset: str, obs: dict) -> None:
         key = tuple(sorted(obs.get("skip_set") or ()))

@@ -16,8 +16,10 @@ METRIC_FIELDS = (
     "dataset", "rows_ok", "rows_error", "prompt_tokens", "generated_tokens", "wall_seconds", "compute_seconds",
     "tokens_per_s", "job_tokens_per_s", "baseline_rows", "baseline_tokens_per_s", "speedup", "tau",
     "acceptance_rate", "skip_set", "skip_ratio", "search_iterations", "exact_match_rate", "rouge2",
-    "accelerator_type", "accelerator_count", "num_actors",
+    "accelerator_type", "accelerator_count", "num_actors", "plain_step_share", "ngram_step_share",
+    "layerskip_step_share",
 )
+STEP_KINDS = ("plain", "ngram", "layerskip")  # a row's steps by the drafter whose draft was verified
 
 
 def dedupe(table: pa.Table) -> pa.Table:
@@ -64,6 +66,7 @@ def _group(rows: list[dict], name: str, wall: float, n_layers: int | None, chose
         skip = list(counts.most_common(1)[0][0]) if counts else []
         iters = max((r["search_iterations"] or 0 for r in ok), default=0)
     exact = [r["baseline_exact_match"] for r in base if r["baseline_exact_match"] is not None]
+    kind_steps = {k: sum(r.get(f"{k}_steps") or 0 for r in ok) for k in STEP_KINDS}
     return {
         "dataset": name,
         "rows_ok": len(ok),
@@ -87,6 +90,7 @@ def _group(rows: list[dict], name: str, wall: float, n_layers: int | None, chose
         "accelerator_type": accel_type,
         "accelerator_count": accel_count,
         "num_actors": len({r["actor_id"] for r in ok}),
+        **{f"{k}_step_share": _div(n, steps) for k, n in kind_steps.items()},
     }
 
 
@@ -123,7 +127,7 @@ def metrics_table(metrics: list[dict]) -> pa.Table:
 
 def summary_table(metrics: list[dict]) -> str:
     head = ["dataset", "ok", "err", "gen tok", "tok/s", "base tok/s", "speedup", "tau", "accept", "exact",
-            "rouge2", "skip set"]
+            "rouge2", "steps ngram/lskip", "skip set"]
 
     def f(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
@@ -131,11 +135,13 @@ def summary_table(metrics: list[dict]) -> str:
     lines = [
         [m["dataset"], str(m["rows_ok"]), str(m["rows_error"]), str(m["generated_tokens"]), f(m["tokens_per_s"], ".1f"),
          f(m["baseline_tokens_per_s"], ".1f"), f(m["speedup"]), f(m["tau"]), f(m["acceptance_rate"]),
-         f(m["exact_match_rate"]), f(m["rouge2"], ".3f"), ",".join(map(str, m["skip_set"])) or "-"]
+         f(m["exact_match_rate"]), f(m["rouge2"], ".3f"),
+         f"{f(m['ngram_step_share'], '.0%')}/{f(m['layerskip_step_share'], '.0%')}",
+         ",".join(map(str, m["skip_set"])) or "-"]
         for m in metrics
     ]
     widths = [max(len(h), *(len(r[c]) for r in lines)) for c, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) if c in (0, 11) else h.rjust(w) for c, (h, w) in enumerate(zip(head, widths)))]
+    out = ["  ".join(h.ljust(w) if c in (0, 12) else h.rjust(w) for c, (h, w) in enumerate(zip(head, widths)))]
     for r in lines:
-        out.append("  ".join(v.ljust(w) if c in (0, 11) else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
+        out.append("  ".join(v.ljust(w) if c in (0, 12) else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
     return "\n".join(out)

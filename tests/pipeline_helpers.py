@@ -35,7 +35,8 @@ def write_corpus(path: Path, n: int = 6, datasets=("alpha", "beta")) -> list[str
 def job_overrides(model: str, corpus: str, out: str, **extra) -> list[str]:
     base = {
         "model.source": model, "input.path": corpus, "output.path": out, "generation.max_tokens": 8,
-        "ray.batch_size": 2, "engine.max_batch": 2, "ray.concurrency": 1, "search.searcher": "static",
+        "ray.batch_size": 2, "engine.max_batch": 2, "ray.concurrency": 1, "search.drafter": "layerskip",
+        "search.searcher": "static",
         "search.skip_layers": "[1]", "search.stop_threshold": 0.0, "search.max_draft_len": 2,
         "baseline.min_per_dataset": 1,
     }

@@ -80,6 +80,24 @@ def test_end_to_end_outputs_and_metrics(ray_local, tiny_dir, tmp_path, capsys):
     assert "__all__" in capsys.readouterr().out
 
 
+def test_drafter_auto_job_decides_per_step_and_reports_step_shares(ray_local, tiny_dir, tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    ids = write_corpus(corpus, n=6)
+    out, costs = tmp_path / "out", tmp_path / "costs.json"
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(out), **{
+        "search.drafter": "auto", "search.costs": str(costs), "ray.batch_size": 6, "engine.max_batch": 3,
+        "baseline.fraction": 1.0}))
+    assert costs.exists()  # the actor measured the cost surface once and cached it for the next run
+    rows = _generations(out)
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    for r in rows:
+        assert r["plain_steps"] + r["ngram_steps"] + r["layerskip_steps"] == r["steps"] > 0
+        assert r["baseline"] and r["baseline_num_generated_tokens"] == r["num_generated_tokens"] == 8
+    m = {r["dataset"]: r for r in pq.read_table(out / "metrics.parquet").to_pylist()}["__all__"]
+    shares = [m[f"{k}_step_share"] for k in ("plain", "ngram", "layerskip")]
+    assert all(0.0 <= s <= 1.0 for s in shares) and sum(shares) == pytest.approx(1.0)
+
+
 def test_resume_after_a_killed_run(ray_local, tiny_dir, tmp_path):
     corpus = tmp_path / "c.jsonl"
     ids = write_corpus(corpus, n=6)
