@@ -220,6 +220,10 @@ class AutoDrafter:
             "surface_observations": self.surface.observations,
             "last": self.last_decision,
         }
+        searchers = {g: d.policy.state() for g, d in (self.layer_skip or {}).items()
+                     if hasattr(getattr(d, "policy", None), "state")}
+        if searchers:
+            out["searchers"] = searchers
         if self.layer_skip and off:
             out["layerskip"] = (f"off at width {', '.join(map(str, sorted(off)))}: a layer-skip draft cannot beat plain "
                                 f"decoding there even with acceptance {self.optimistic_alpha} (the skip-set search does "

@@ -4,8 +4,10 @@
 
 Greedy decoding of the same prompts by: transformers ``generate`` (the reference), the engine's
 plain decoding, ConfLayers with ``objective: acceptance`` (the paper) and ``objective:
-throughput``, ``static`` every-other-layer, ``swift``, and transformers' prompt-lookup decoding,
-each at batch size 1 and a larger batch. Spec-Bench's method: greedy, one machine, speedup =
+throughput``, ``static`` every-other-layer, ``swift``, transformers' prompt-lookup decoding, the
+engine's batched n-gram drafter (``ngram``) and the per-step controller (``auto``: n-gram, layer
+skip under a throughput ConfLayers search, or plain, by the measured cost surface), each at batch
+size 1 and a larger batch. Spec-Bench's method: greedy, one machine, speedup =
 tokens/s over ``generate`` at the same batch size. The run order of methods rotates per batch,
 a warm-up is excluded, search time is included in tokens/s and also reported on its own.
 Writes ``records.parquet`` (every prompt x method x batch size), ``summary.parquet``,
@@ -28,6 +30,8 @@ import torch
 from omegaconf import OmegaConf
 
 from conflayers import Engine, GenerationConfig, LayerSkipDrafter
+from conflayers.controller import build_drafter, surface_grid
+from conflayers.costs import load_or_calibrate
 from conflayers.models import encode_prompts, load_model
 from conflayers.search import make_policy
 
@@ -35,7 +39,8 @@ REPO = Path(__file__).resolve().parents[1]
 SPEC_BENCH = REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 DEMO = REPO / "pipeline" / "data" / "demo.jsonl"
 
-METHODS = ("hf_generate", "plain", "conflayers_acceptance", "conflayers_throughput", "static", "swift", "prompt_lookup")
+METHODS = ("hf_generate", "plain", "conflayers_acceptance", "conflayers_throughput", "static", "swift", "prompt_lookup",
+           "ngram", "auto")
 BATCH1_ONLY = {"prompt_lookup"}  # transformers' assisted decoding runs batch size 1 only
 
 
@@ -54,6 +59,7 @@ class BenchConfig:
     stop_threshold: float = 0.8
     max_draft: int = 8
     prompt_lookup_num_tokens: int = 10
+    ngram_max: int = 3  # ngram / auto: longest suffix looked up
     output: str = "outputs/benchmark"
 
 
@@ -145,9 +151,26 @@ class Runner:
         self.engine = Engine(self.model, cfg.kernels)  # the model is shared: generate runs on the same kernels
         self.eos = set(self.engine.model.generation_config.eos_token_id if isinstance(
             self.engine.model.generation_config.eos_token_id, list) else [self.engine.model.generation_config.eos_token_id])
-        # one searcher per (method, batch size): it learns over the whole run, as a pipeline actor's
-        # searcher does over a dataset
+        # one searcher (or controller) per (method, batch size): it learns over the whole run, as a
+        # pipeline actor's does over a dataset
         self.policies: dict[tuple[str, int], object] = {}
+        self.surface = None
+        if "auto" in cfg.methods:  # measured once (cached per model x device x dtype x kernels x threads)
+            t0 = time.perf_counter()
+            self.surface, cached = load_or_calibrate(self.engine, *surface_grid(max(cfg.batch_sizes), cfg.max_draft))
+            print(f"cost surface: {'cached' if cached else f'measured in {time.perf_counter() - t0:.0f} s'}", flush=True)
+
+    def drafter(self, method: str, bs: int):
+        if method == "ngram":
+            return build_drafter("ngram", self.model, max_draft_len=self.cfg.max_draft, ngram_max=self.cfg.ngram_max)
+        if method == "auto":
+            if ("auto", bs) not in self.policies:
+                ls = LayerSkipDrafter(self.model, make_policy("conflayers", self.model, objective="throughput"),
+                                      self.cfg.stop_threshold, self.cfg.max_draft)
+                self.policies[("auto", bs)] = build_drafter("auto", self.model, ls, self.surface, self.cfg.max_draft,
+                                                            self.cfg.ngram_max)
+            return self.policies[("auto", bs)]
+        return LayerSkipDrafter(self.model, self.policy(method, bs), self.cfg.stop_threshold, self.cfg.max_draft)
 
     def policy(self, method: str, bs: int):
         key = (method, bs)
@@ -183,8 +206,7 @@ class Runner:
             res = self.engine.generate(batch, gc)
             outs, stats = [r.token_ids for r in res], [r.stats.as_dict() for r in res]
         else:
-            drafter = LayerSkipDrafter(self.model, self.policy(method, bs), self.cfg.stop_threshold, self.cfg.max_draft)
-            res = self.engine.generate(batch, gc, drafter)
+            res = self.engine.generate(batch, gc, self.drafter(method, bs))
             outs, stats = [r.token_ids for r in res], [r.stats.as_dict() for r in res]
         wall = time.perf_counter() - t0
         search = 0.0
@@ -231,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
                         "search_seconds": search * len(outs[j]) / total,
                         "steps": st.get("steps"), "drafted": st.get("drafted"), "accepted": st.get("accepted"),
                         "skip_set": st.get("skip_set"),
+                        "drafter_steps": json.dumps(st.get("drafter_steps") or {}),
                         "rouge2": rouge2(text, rows[i]["reference"]) if cat == "summarization" else None,
                         "math_correct": math_correct(text, rows[i]["reference"]) if cat == "math_reasoning" else None,
                     })

@@ -110,8 +110,21 @@ def markdown(agg: list[dict], cfg, methods: list[str], batch_sizes: list[int], c
         lines += ["", "## Searchers at the end of the run", "",
                   "| method | batch | phase | skip set | proposals | paused steps | regret s |", "|---|---|---|---|---|---|---|"]
         for (m, bs), st in searchers.items():
-            lines.append(f"| {m} | {bs} | {st.get('phase', '-')} | {st.get('skip_set') or '-'} | "
-                         f"{_fmt(st.get('iterations'))} | {_fmt(st.get('paused_steps'))} | {_fmt(st.get('regret_seconds'), 1)} |")
+            for name, sub in ([(m, st)] if m != "auto" else [(f"auto ({g or 'all'})", x) for g, x in
+                                                              st.get("searchers", {}).items()]):
+                lines.append(f"| {name} | {bs} | {sub.get('phase', '-')} | {sub.get('skip_set') or '-'} | "
+                             f"{_fmt(sub.get('iterations'))} | {_fmt(sub.get('paused_steps'))} | "
+                             f"{_fmt(sub.get('regret_seconds'), 1)} |")
+        autos = [(bs, st) for (m, bs), st in searchers.items() if m == "auto"]
+        if autos:
+            lines += ["", "## The auto controller at the end of the run", "",
+                      "| batch | steps by decision | n-gram acceptance | layer skip |", "|---|---|---|---|"]
+            for bs, st in autos:
+                dec = ", ".join(f"{k} {v}" for k, v in sorted(st.get("decisions", {}).items())) or "-"
+                acc = ", ".join(f"{v:.2f}" for v in st.get("ngram_acceptance", {}).values()) or "-"
+                gate = st.get("layerskip") or "could pay at width " + ", ".join(
+                    str(w) for w, g in st.get("layerskip_gate", {}).items() if g["can_pay"])
+                lines.append(f"| {bs} | {dec} | {acc} | {gate} |")
     for bs in batch_sizes:
         lines += ["", f"## Speedup per category, batch size {bs} (n per cell in parentheses)", ""]
         lines.append("| method | " + " | ".join(cats) + " |")

@@ -23,7 +23,8 @@ def test_benchmark_harness_on_two_prompts(tmp_path):
     out = tmp_path / "bench"
     assert bench_main([f"input={corpus}", "max_new_tokens=6", "batch_sizes=[1,2]", f"output={out}"]) == 0
     rec = pq.read_table(out / "records.parquet").to_pylist()
-    methods = {"hf_generate", "plain", "conflayers_acceptance", "conflayers_throughput", "static", "swift", "prompt_lookup"}
+    methods = {"hf_generate", "plain", "conflayers_acceptance", "conflayers_throughput", "static", "swift", "prompt_lookup",
+               "ngram", "auto"}
     assert {r["method"] for r in rec if r["batch_size"] == 1} == methods
     assert {r["method"] for r in rec if r["batch_size"] == 2} == methods - {"prompt_lookup"}  # batch-1-only method
     assert all(1 <= r["new_tokens"] <= 6 and r["seconds"] > 0 for r in rec)
@@ -34,8 +35,10 @@ def test_benchmark_harness_on_two_prompts(tmp_path):
     for m in methods - {"hf_generate", "prompt_lookup"}:  # greedy methods are lossless
         assert overall[(m, 1)]["exact_match"] == 1.0
     searchers = {(s["method"], s["batch_size"]): s for s in json.loads((out / "searchers.json").read_text())}
-    assert set(searchers) == {(m, bs) for m in ("conflayers_acceptance", "conflayers_throughput", "static", "swift")
+    assert set(searchers) == {(m, bs) for m in ("conflayers_acceptance", "conflayers_throughput", "static", "swift", "auto")
                               for bs in (1, 2)}
+    assert sum(searchers[("auto", 1)]["decisions"].values()) > 0  # the controller's decisions, per run
+    assert all(sum(json.loads(r["drafter_steps"]).values()) == r["steps"] for r in rec if r["method"] in ("ngram", "auto"))
     assert searchers[("conflayers_throughput", 1)]["objective"] == "throughput"
     table = (out / "table.md").read_text()
     assert "| prompt_lookup | 2 | n/a |" in table and "Speedup per category, batch size 2" in table
