@@ -24,9 +24,10 @@ follows the searcher's changing sets, starting from an optimistic prior so a set
 Measured verify times refine the surface (``CostSurface.observe``).
 
 ConfLayers stays the layer-skip set finder, but its searcher only gets steps when the surface says
-a layer-skip draft could pay at the current width even with optimistic acceptance
-(``optimistic_alpha``, half the layers skipped); otherwise it does not run at all, and ``state()``
-says so (on the 2-core CPU at width >= 8 it cannot pay).
+a layer-skip draft could gain ``search_gain`` (15%: the searcher may spend up to 10% exploring,
+and real acceptance is below the optimistic one) at the current width even with optimistic
+acceptance (``optimistic_alpha``, half the layers skipped); otherwise it does not run at all, and
+``state()`` says so (on the 2-core CPU it cannot, at any width).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class AutoDrafter:
         optimistic_alpha: float = 0.9,
         assumed_skip_ratio: float = 0.5,
         max_draft_len: int = 8,
+        search_gain: float = 1.15,
     ):
         if margin < 1.0:
             raise ValueError(f"margin must be >= 1, got {margin}")
@@ -85,6 +87,7 @@ class AutoDrafter:
         self.optimistic_alpha = optimistic_alpha
         self.assumed_skip_ratio = assumed_skip_ratio
         self.max_draft_len = max_draft_len
+        self.search_gain = search_gain
         self._ng_rows: dict[int, _Rate] = {}
         self._ng_groups: dict[str, _Rate] = {}
         self._ls_groups: dict[str, _Rate] = {}
@@ -96,14 +99,15 @@ class AutoDrafter:
 
     # -- the model of a step ------------------------------------------------------------------
     def layer_skip_can_pay(self, w: int) -> tuple[bool, float]:
-        """Whether a layer-skip draft could beat plain decoding at width ``w`` with optimistic
-        acceptance, and the best predicted speedup (cached per width)."""
+        """Whether a layer-skip draft could beat plain decoding at width ``w`` by ``search_gain`` with
+        optimistic acceptance (a search costs time, and real acceptance is lower), and the best
+        predicted speedup (cached per width)."""
         if w not in self._gate:
             s = self.surface
             m = round(s.n_layers * (1 - self.assumed_skip_ratio))
             best = max(expected_tokens(self.optimistic_alpha, g) / (g * s.draft_seconds(w, m) + s.seconds(w, g + 1))
                        for g in range(1, self.max_draft_len + 1)) * s.seconds(w, 1)
-            self._gate[w] = (best > self.margin, best)
+            self._gate[w] = (best >= self.search_gain, best)
         return self._gate[w]
 
     # acceptance estimates: a row's n-gram rate is shrunk toward its group's; layer skip is per group
@@ -225,14 +229,16 @@ class AutoDrafter:
         if searchers:
             out["searchers"] = searchers
         if self.layer_skip and off:
-            out["layerskip"] = (f"off at width {', '.join(map(str, sorted(off)))}: a layer-skip draft cannot beat plain "
-                                f"decoding there even with acceptance {self.optimistic_alpha} (the skip-set search does "
-                                f"not run)")
+            out["layerskip"] = (f"off at width {', '.join(map(str, sorted(off)))}: even with acceptance "
+                                f"{self.optimistic_alpha} a layer-skip draft would gain less than "
+                                f"{self.search_gain - 1:.0%} over plain decoding there (the skip-set search does not run)")
         return out
 
 
-def surface_grid(width: int, max_draft_len: int) -> tuple[list[int], list[int]]:
-    """The (widths, qs) a controller running at ``width`` with drafts of up to ``max_draft_len`` needs."""
+def surface_grid(width: int, max_draft_len: int, widest: int = 64) -> tuple[list[int], list[int]]:
+    """The (widths, qs) a controller running at ``width`` with drafts of up to ``max_draft_len`` needs.
+    Past ``widest`` the surface scales the widest measured width (the cost ratios are what decide)."""
+    width = min(width, widest)
     widths = sorted({w for w in (2**i for i in range(width.bit_length())) if w <= width} | {width})
     qs = sorted({1, 2, 3, 5, max_draft_len + 1} & set(range(1, max_draft_len + 2)))
     return widths, qs

@@ -6,15 +6,16 @@ on the device: on the 2-core CPU a q=4 verify costs 1.3x a step at width 1 and 1
 on a GPU at small width it is nearly free. So they are measured, not assumed:
 
 - ``calibrate(engine, widths, qs)`` times forwards on a synthetic cache of ``context`` tokens at
-  each (w, q) on the grid, and a forward with half the layers skipped at each w (that gives the
+  each (w, q) on the grid (q > 5 only below width 16: wider, long verifies are extrapolated), and a forward with half the layers skipped at each w (that gives the
   fixed share of a step, embedding + LM head + overhead, that a layer-skip draft pass still pays);
   a few seconds on the CPU for widths up to 64;
 - ``seconds(w, q)`` interpolates (linear in q, in log2 w between measured widths; outside the grid
   the nearest width scaled by w, q extrapolated linearly); ``draft_seconds(w, layers_run)`` is
   ``seconds(w, 1) * (fixed + (1 - fixed) * layers_run / L)``;
-- ``observe(w, q, seconds)`` refines the surface online from the engine's own step timings: a
-  per-width correction factor (an exponential average of measured / predicted), so the surface
-  follows the real context length and load, which the calibration cannot know;
+- ``observe(w, q, seconds)`` refines the surface online from the engine's own step timings:
+  correction factors (exponential averages of measured / predicted) per (width, q) cell and per
+  width (for cells not observed yet), so the surface follows the real context length, load and
+  verify shapes, which the calibration cannot know;
 - ``load_or_calibrate`` caches the table in JSON keyed by model, device, dtype, kernel plan and
   threads (``$CONFLAYERS_CACHE/costs.json``, default ``~/.cache/conflayers``; or a path given,
   e.g. next to a skip-set registry).
@@ -38,6 +39,12 @@ from .width import _read_cache, _write_cache, default_cache_file, device_name
 
 DEFAULT_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_QS = (1, 2, 3, 5, 9)
+WIDE = 16  # from this width on, q > 5 is extrapolated, not timed (long verifies at width cost seconds each)
+
+
+def timed_qs(w: int, qs) -> list[int]:
+    """The query widths calibration times at width ``w``."""
+    return sorted({q for q in qs if w < WIDE or q <= 5} | {1})
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -61,7 +68,7 @@ class CostSurface:
     context: int = 0
     key: str = ""
     smoothing: float = 0.1  # weight of one observation in the online correction
-    correction: dict[int, float] = field(default_factory=dict)  # per measured width: measured / predicted
+    correction: dict = field(default_factory=dict)  # measured / predicted, per (width, q) and per width
     observations: int = 0
 
     def __post_init__(self):
@@ -85,7 +92,12 @@ class CostSurface:
             i = min(max(bisect.bisect_left(qs, q), 1), len(qs) - 1)  # the segment around q (or the last one)
             q0, q1 = qs[i - 1], qs[i]
             s = row[q0] + (row[q1] - row[q0]) * (q - q0) / (q1 - q0)
-        return s * self.correction.get(w, 1.0)
+        return s * self._factor(w, q)
+
+    def _factor(self, w: int, q: int) -> float:
+        """The online correction of a measured width: the cell's own once it has been observed,
+        else the width's (learned from every observation at that width)."""
+        return self.correction.get((w, q), self.correction.get(w, 1.0))
 
     def _around(self, w: int) -> tuple[int, int, float]:
         """The measured widths around ``w`` and the interpolation weight in log2 w."""
@@ -125,17 +137,25 @@ class CostSurface:
         """Tokens/s of plain decoding at width ``w``."""
         return w / self.seconds(w, 1)
 
+    def covers(self, widths, qs) -> bool:
+        """Whether the surface holds every cell a calibration over ``widths`` x ``qs`` would time."""
+        return all(w in self.table and set(timed_qs(w, qs)) <= set(self.table[w]) for w in widths)
+
     # -- online refinement --------------------------------------------------------------------
     def observe(self, w: int, q: int, seconds: float) -> None:
-        """Fold a measured forward into the correction of the nearest measured width."""
+        """Fold a measured forward of ``q`` tokens at width ``w`` into the corrections of the nearest
+        measured width: its (width, q) cell's and the width's own."""
         if not (seconds > 0 and math.isfinite(seconds)):
             return
-        w0, w1, t = self._around(max(1, int(w)))
+        w, q = max(1, int(w)), max(1, int(q))
+        w0, w1, t = self._around(w)
         near = w0 if t < 0.5 else w1
         pred = self.seconds(w, q)
-        ratio = min(10.0, max(0.1, seconds / pred))
-        c = self.correction.get(near, 1.0)
-        self.correction[near] = c * (1 - self.smoothing) + c * ratio * self.smoothing
+        base = pred / self._factor(near, q)  # the prediction without any correction
+        for key in ((near, q), near):
+            c = self._factor(near, q) if key == (near, q) else self.correction.get(near, 1.0)
+            ratio = min(10.0, max(0.1, seconds / (base * c)))
+            self.correction[key] = c * (1 - self.smoothing + ratio * self.smoothing)
         self.observations += 1
 
     # -- (de)serialisation --------------------------------------------------------------------
@@ -214,9 +234,9 @@ def calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256, 
         kv.forward(torch.ones(w, 1, dtype=torch.long, device=engine.device), rows=(0, w), offsets=zeros)
         kv.lengths[:] = context
         kv.n = w
-        cells = [("full", q) for q in qs] + ([("half", 1)] if half else [])
+        cells = [("full", q) for q in timed_qs(w, qs)] + ([("half", 1)] if half else [])
         t = _time_cells(kv, cells, engine.model, half, reps, cuda)
-        table[w] = {q: t[("full", q)] for q in qs}
+        table[w] = {q: t[("full", q)] for q in timed_qs(w, qs)}
         if half:
             run = (L - len(half)) / L  # share of the layers the half pass runs
             # t_half = t_full * (f + (1 - f) * run)  =>  f = (t_half / t_full - run) / (1 - run)
@@ -234,7 +254,7 @@ def load_or_calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int
     if raw:
         try:
             s = CostSurface.from_dict(raw)
-            if set(widths) <= set(s.table) and all(set(qs) <= set(s.table[w]) for w in widths):
+            if s.covers(widths, qs):
                 return s, True
         except ValueError:
             pass

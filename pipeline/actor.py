@@ -187,7 +187,7 @@ class GenerationActor:
             raw = ray.get(self.coordinator.surface.remote(key))
             if raw:
                 s = CostSurface.from_dict(raw)
-                if set(widths) <= set(s.table) and all(set(qs) <= set(s.table[w]) for w in widths):
+                if s.covers(widths, qs):
                     return s
         s = self.cfg.search
         cache = s.costs or (os.path.join(os.path.dirname(os.path.abspath(s.registry)), "costs.json")

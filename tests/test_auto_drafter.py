@@ -112,7 +112,11 @@ def test_surface_interpolates_extrapolates_and_refines():
     for _ in range(60):  # the device turns out twice as slow at width 4: the surface follows
         s.observe(4, 3, 12.0)
     assert s.seconds(4, 3) == pytest.approx(12.0, rel=0.02)
+    assert s.seconds(4, 1) == pytest.approx(4.0, rel=0.02)  # cells not observed yet follow their width
     assert s.seconds(1, 1) == 1.0  # other widths keep their own correction
+    for _ in range(60):  # ... until observed: then each cell has its own (a q=1 step is as calibrated)
+        s.observe(4, 1, 2.0)
+    assert s.seconds(4, 1) == pytest.approx(2.0, rel=0.02) and s.seconds(4, 3) == pytest.approx(12.0, rel=0.02)
     again = CostSurface.from_dict(json.loads(json.dumps(s.as_dict())))
     assert again.table == s.table and again.fixed == s.fixed
     with pytest.raises(ValueError, match="q=1"):
@@ -208,7 +212,7 @@ def test_controller_on_the_measured_cpu_surface_never_runs_layer_skip_at_width(w
     assert all(d["drafter"] == "none" for d in tail)
     assert env.observed == 0 and ctl.decisions["layerskip"] == 0  # the skip-set search does not run at all
     assert f"off at width {w}" in ctl.state()["layerskip"]
-    assert ctl.layer_skip_can_pay(1)[0]  # at width 1 a layer-skip draft could still pay: the search may run
+    assert ctl.layer_skip_can_pay(w)[1] < ctl.search_gain  # not even the optimistic prediction gains 15%
 
 
 def test_controller_drafts_ngrams_where_outputs_copy_and_goes_plain_where_they_miss():

@@ -64,3 +64,17 @@ def test_json_output_speculative_equals_plain(tmp_path):
 def test_bad_arguments_exit_2_with_a_message(args, message):
     r = run_cli("hello", *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
+
+
+def test_calibrate_prints_the_surface_draws_it_and_caches_it(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "conflayers.calibrate", "--widths", "1,2", "--qs", "1,2",
+            "--cache", str(tmp_path / "costs.json"), "--out", str(tmp_path / "costs.png")]
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr
+    assert "measured now" in first.stdout and "| width | q=1 ms | q=2 ms |" in first.stdout
+    assert (tmp_path / "costs.png").stat().st_size > 1000
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and "from the cache" in again.stdout
+    bad = subprocess.run(args[:3] + ["--widths", "0"], capture_output=True, text=True, timeout=600, env=env)
+    assert bad.returncode == 2 and "integers >= 1" in bad.stderr
