@@ -59,15 +59,12 @@ def exact_sequence_probs(model, prompt, n_tokens, params):
     return probs
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.5, top_k=4, top_p=0.9)])
-def test_speculative_sampling_end_to_end_matches_the_full_model(params):
+def assert_samples_the_full_model(prompt, params, drafter, seed, n_tok=3, n=6000):
+    """Sample ``n`` continuations with ``drafter`` and check them against the exact distribution."""
     model = tiny_model("llama", layers=6, vocab=V, std=0.3, seed=3)
-    prompt, n_tok, n = [1, 2, 3], 3, 6000
     exact = exact_sequence_probs(model, prompt, n_tok, params)
-    engine = Engine(model)
-    drafter = LayerSkipDrafter(model, FixedSkip([1, 3]), stop_threshold=0.0, max_draft_len=2)
-    cfg = GenerationConfig(max_new_tokens=n_tok, sampling=params, seed=7, stop_token_ids=())
-    results = engine.generate([prompt] * n, cfg, drafter)
+    cfg = GenerationConfig(max_new_tokens=n_tok, sampling=params, seed=seed, stop_token_ids=())
+    results = Engine(model).generate([prompt] * n, cfg, drafter(model))
     drafted = sum(r.stats.drafted for r in results)
     accepted = sum(r.stats.accepted for r in results)
     assert drafted > 0 and 0 < accepted < drafted  # the draft differs from the model and is partly accepted
@@ -79,22 +76,15 @@ def test_speculative_sampling_end_to_end_matches_the_full_model(params):
     assert chi2_p(counts, np.array([exact[k] for k in keys])) > 1e-3
 
 
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=1.5, top_k=4, top_p=0.9)])
+def test_speculative_sampling_end_to_end_matches_the_full_model(params):
+    assert_samples_the_full_model([1, 2, 3], params, seed=7, drafter=lambda model: LayerSkipDrafter(
+        model, FixedSkip([1, 3]), stop_threshold=0.0, max_draft_len=2))
+
+
 def test_ngram_drafts_keep_the_full_models_distribution():
     """A deterministic draft (prompt lookup, one-hot q) under the rejection rule samples the target."""
     from conflayers.ngram import NgramDrafter
 
-    params = SamplingParams(temperature=1.0)
-    model = tiny_model("llama", layers=6, vocab=V, std=0.3, seed=3)
-    prompt, n_tok, n = [1, 2, 3, 4, 1, 2], 3, 6000
-    exact = exact_sequence_probs(model, prompt, n_tok, params)
-    cfg = GenerationConfig(max_new_tokens=n_tok, sampling=params, seed=11, stop_token_ids=())
-    results = Engine(model).generate([prompt] * n, cfg, NgramDrafter(max_ngram=2, max_tokens=2))
-    drafted = sum(r.stats.drafted for r in results)
-    accepted = sum(r.stats.accepted for r in results)
-    assert drafted > 0 and 0 < accepted < drafted
-    keys = list(exact)
-    index = {k: i for i, k in enumerate(keys)}
-    counts = np.zeros(len(keys))
-    for r in results:
-        counts[index[tuple(r.token_ids)]] += 1
-    assert chi2_p(counts, np.array([exact[k] for k in keys])) > 1e-3
+    assert_samples_the_full_model([1, 2, 3, 4, 1, 2], SamplingParams(temperature=1.0), seed=11,
+                                  drafter=lambda model: NgramDrafter(max_ngram=2, max_tokens=2))
