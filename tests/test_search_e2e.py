@@ -67,8 +67,8 @@ def test_cli_searcher_stream_json_and_registry(tmp_path):
     f = tmp_path / "qa.jsonl"
     f.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     registry = tmp_path / "r.json"
-    r = run_cli("--prompts-file", str(f), "--max-new-tokens", "16", "--batch-size", "2", "--json", "--searcher",
-                "conflayers", "--objective", "acceptance", "--interval", "4", "--max-iter", "2", "--window", "4",
+    r = run_cli("--prompts-file", str(f), "--max-new-tokens", "16", "--batch-size", "2", "--json",
+                "--drafter", "layerskip", "--searcher", "conflayers", "--objective", "acceptance", "--interval", "4", "--max-iter", "2", "--window", "4",
                 "--registry", str(registry))
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
