@@ -235,7 +235,7 @@ class AutoDrafter:
         return out
 
 
-def surface_grid(width: int, max_draft_len: int, widest: int = 64) -> tuple[list[int], list[int]]:
+def surface_grid(width: int, max_draft_len: int, widest: int = 32) -> tuple[list[int], list[int]]:
     """The (widths, qs) a controller running at ``width`` with drafts of up to ``max_draft_len`` needs.
     Past ``widest`` the surface scales the widest measured width (the cost ratios are what decide)."""
     width = min(width, widest)

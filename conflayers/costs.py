@@ -6,7 +6,7 @@ on the device: on the 2-core CPU a q=4 verify costs 1.3x a step at width 1 and 1
 on a GPU at small width it is nearly free. So they are measured, not assumed:
 
 - ``calibrate(engine, widths, qs)`` times forwards on a synthetic cache of ``context`` tokens at
-  each (w, q) on the grid (q > 5 only below width 16: wider, long verifies are extrapolated), and a forward with half the layers skipped at each w (that gives the
+  each (w, q) on the grid (from width 16 on only q = 1, 2, 5; the rest is interpolated), and a forward with half the layers skipped at each w (that gives the
   fixed share of a step, embedding + LM head + overhead, that a layer-skip draft pass still pays);
   a few seconds on the CPU for widths up to 64;
 - ``seconds(w, q)`` interpolates (linear in q, in log2 w between measured widths; outside the grid
@@ -39,12 +39,12 @@ from .width import _read_cache, _write_cache, default_cache_file, device_name
 
 DEFAULT_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_QS = (1, 2, 3, 5, 9)
-WIDE = 16  # from this width on, q > 5 is extrapolated, not timed (long verifies at width cost seconds each)
+WIDE = 16  # from this width on only q = 1, 2, 5 are timed (long verifies at width cost seconds each)
 
 
 def timed_qs(w: int, qs) -> list[int]:
-    """The query widths calibration times at width ``w``."""
-    return sorted({q for q in qs if w < WIDE or q <= 5} | {1})
+    """The query widths calibration times at width ``w`` (the others are interpolated)."""
+    return sorted({q for q in qs if w < WIDE or q in (2, 5)} | {1})
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -235,7 +235,7 @@ def calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256, 
         kv.lengths[:] = context
         kv.n = w
         cells = [("full", q) for q in timed_qs(w, qs)] + ([("half", 1)] if half else [])
-        t = _time_cells(kv, cells, engine.model, half, reps, cuda)
+        t = _time_cells(kv, cells, engine.model, half, reps if w < WIDE else min(reps, 2), cuda)
         table[w] = {q: t[("full", q)] for q in timed_qs(w, qs)}
         if half:
             run = (L - len(half)) / L  # share of the layers the half pass runs
