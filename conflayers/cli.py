@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         if state is not None:
             mode += f", searcher {args.searcher}"
             print("searcher: " + json.dumps(state))
-        if hasattr(drafter, "state") and args.drafter == "auto":
+        if args.drafter == "auto":
             print("drafter auto: " + json.dumps(drafter.state()))
         print(f"\n{len(all_stats)} prompts, {total} tokens in {wall:.1f} s ({total / wall:.1f} tok/s), "
               f"width {width}{' (auto)' if args.batch_size == 'auto' else ''}, {mode}, {args.model} on {args.device}, kernels {engine.kernel_plan.name}")

@@ -35,7 +35,7 @@ import torch
 
 from .kv import KVState
 from .layers import skip_layers
-from .width import _read_cache, _write_cache, default_cache_file, device_name
+from .width import _read_cache, _write_cache, default_cache_file, engine_key
 
 DEFAULT_WIDTHS = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_QS = (1, 2, 3, 5, 9)
@@ -189,10 +189,7 @@ class CostSurface:
 
 
 def surface_key(engine) -> str:
-    cfg = engine.model.config
-    return "|".join([getattr(engine.model, "name_or_path", "") or cfg.model_type, f"L{engine.n_layers}",
-                     f"H{cfg.hidden_size}", str(next(engine.model.parameters()).dtype), device_name(engine.device),
-                     engine.kernel_plan.name, f"threads{torch.get_num_threads()}"])
+    return engine_key(engine)
 
 
 def _time_cells(kv: KVState, cells: list[tuple[str, int]], model, half, reps: int, cuda: bool) -> dict:

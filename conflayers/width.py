@@ -63,6 +63,14 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def engine_key(engine) -> str:
+    """What a timing depends on: model, layers, width, dtype, device, kernel plan, threads."""
+    cfg = engine.model.config
+    return "|".join([getattr(engine.model, "name_or_path", "") or cfg.model_type, f"L{engine.n_layers}",
+                     f"H{cfg.hidden_size}", str(next(engine.model.parameters()).dtype), device_name(engine.device),
+                     engine.kernel_plan.name, f"threads{torch.get_num_threads()}"])
+
+
 def default_cache_file() -> Path:
     base = os.environ.get("CONFLAYERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "conflayers")
     return Path(base) / "widths.json"
@@ -105,10 +113,7 @@ def choose_width(
         raise ValueError(
             f"not even one row of {row_tokens} KV positions fits the KV budget of {budget / 2**30:.2f} GiB "
             f"({engine.bytes_per_token} bytes per position): raise the budget or shorten prompts / max new tokens")
-    cfg = engine.model.config
-    key = "|".join([getattr(engine.model, "name_or_path", "") or cfg.model_type, f"L{engine.n_layers}",
-                    f"H{cfg.hidden_size}", str(next(engine.model.parameters()).dtype), device_name(engine.device),
-                    engine.kernel_plan.name, f"threads{torch.get_num_threads()}", f"ctx{context}"])
+    key = f"{engine_key(engine)}|ctx{context}"
     path = Path(cache_file) if cache_file else default_cache_file()
     table = _read_cache(path).get(key, {})
     cached = all(str(w) in table for w in fitting)
