@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .accept import accept_greedy, accept_sampled, commit
+from .attention import use_packed_attention
 from .drafters import DraftContext, Drafter, NoDrafter, StepOutcome
 from .kernels import apply_kernels
 from .kv import KVState, kv_bytes_per_token
@@ -141,13 +142,16 @@ class Engine:
 
     ``kernels`` puts the model's linear layers on a kernel plan (``conflayers.kernels``): ``auto``
     (default) = the fastest known path for the device and dtype, ``native`` = PyTorch's default,
-    ``onednn`` = prepacked oneDNN (CPU, float32/bfloat16). The plan is applied to the model in place.
+    ``onednn`` = prepacked oneDNN (CPU, float32/bfloat16). The plan is applied to the model in place,
+    and a grouped-query model on SDPA gets the packed attention of ``conflayers.attention`` (no
+    key/value copies when a pass scores several tokens per row).
     """
 
     def __init__(self, model, kernels: str = "auto"):
         self.model = model.eval()
         self.n_layers = num_layers(model)  # also rejects unsupported architectures
         self.kernel_plan = apply_kernels(model, kernels)
+        self.attention = use_packed_attention(model)
         self.device = next(model.parameters()).device
         self.context = context_length(model)
         self.vocab = model.config.vocab_size
