@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test bench summarize clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,10 @@ $(STAMP): pyproject.toml Makefile
 
 run: setup
 	$(PY) -m jobs.generate
+
+# one tick of the scheduled summarization job over the bundled documents; prints the run table
+summarize: setup
+	$(PY) -m jobs.summarize --config configs/summarize.yaml --once
 
 test: setup
 	$(PY) -m pytest -q

@@ -16,7 +16,6 @@ Writes ``records.parquet`` (every prompt x method x batch size), ``summary.parqu
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 import shlex
@@ -232,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     t_run = time.perf_counter()
     step = 0
     for bs in cfg.batch_sizes:
+        finished = 0
         for chunk in batches(rows, ids, bs):
             methods = list(cfg.methods)
             methods = methods[step % len(methods):] + methods[: step % len(methods)]  # rotate run order
@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                         "math_correct": math_correct(text, rows[i]["reference"]) if cat == "math_reasoning" else None,
                     })
             done = sorted({rows[i]["category"] for i in chunk})
-            print(f"  batch size {bs}: {len(chunk)} prompts ({', '.join(done)}) x {len(methods)} methods done, "
+            finished += len(chunk)
+            print(f"  batch size {bs}: {finished}/{len(rows)} prompts done (last: {', '.join(done)}) x {len(methods)} methods, "
                   f"{time.perf_counter() - t_run:.0f} s so far", flush=True)
     from jobs.benchmark_report import write_report
 

@@ -22,10 +22,10 @@ from pipeline import io as storage_io
 from pipeline.config import PipelineConfig, validate
 
 
-def load_config(config_file: str | None, overrides: list[str]) -> PipelineConfig:
-    """Structured defaults <- YAML file <- ``key=value`` overrides, as a validated ``PipelineConfig``."""
+def load_config(config_file: str | None, overrides: list[str], schema=PipelineConfig, check=validate):
+    """Structured defaults <- YAML file <- ``key=value`` overrides, as a validated ``schema`` instance."""
     try:
-        cfg = OmegaConf.structured(PipelineConfig)
+        cfg = OmegaConf.structured(schema)
         if config_file:
             cfg = OmegaConf.merge(cfg, OmegaConf.load(config_file))
         bad = [o for o in overrides if "=" not in o]
@@ -37,7 +37,7 @@ def load_config(config_file: str | None, overrides: list[str]) -> PipelineConfig
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
         raise ValueError(f"{key}: {msg}" if key else msg) from None
-    return validate(obj)
+    return check(obj)
 
 
 def init_ray(cfg: PipelineConfig) -> None:
@@ -75,6 +75,15 @@ def _setup_logging() -> None:
     log.propagate = False  # libraries that configure the root logger (absl, via rouge-score) would repeat it
 
 
+def save_run_config(cfg) -> None:
+    """The resolved config next to the outputs (``run_config.yaml``), credentials masked."""
+    resolved = OmegaConf.structured(cfg)
+    if resolved.storage.secret:
+        resolved.storage.secret = "***"  # never write credentials next to the outputs
+    storage_io.write_bytes_atomic(cfg.storage, storage_io.join(cfg.output.path, "run_config.yaml"),
+                                  OmegaConf.to_yaml(resolved).encode())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -91,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.run import run
 
     init_ray(cfg)
-    resolved = OmegaConf.structured(cfg)
-    if resolved.storage.secret:
-        resolved.storage.secret = "***"  # never write credentials next to the outputs
-    storage_io.write_bytes_atomic(cfg.storage, storage_io.join(cfg.output.path, "run_config.yaml"),
-                                  OmegaConf.to_yaml(resolved).encode())
+    save_run_config(cfg)
     try:
         run(cfg)
     except (ValueError, FileNotFoundError) as e:

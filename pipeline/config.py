@@ -6,7 +6,7 @@ the offending key in its error.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 SEARCHERS = ("conflayers", "static", "swift", "none", "cached")
@@ -101,13 +101,14 @@ class RayConfig:
 @dataclass
 class DebugConfig:
     crash_once_marker: Optional[str] = None  # tests: the first batch os._exit()s once if this file is absent
+    driver_exit_at: Optional[str] = None  # tests: jobs.summarize's driver os._exit()s at before_commit | after_commit
 
 
 @dataclass
-class PipelineConfig:
+class JobSections:
+    """The sections every job shares (the generation job, the scheduled summarization job)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    input: InputConfig = field(default_factory=InputConfig)
-    output: OutputConfig = field(default_factory=OutputConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -118,52 +119,62 @@ class PipelineConfig:
     fail_fast: bool = False
 
 
-def _check(ok: bool, key: str, msg: str) -> None:
+@dataclass
+class PipelineConfig(JobSections):
+    input: InputConfig = field(default_factory=InputConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+def shared_sections(cfg: JobSections) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in fields(JobSections)}
+
+
+def check(ok: bool, key: str, msg: str) -> None:
     if not ok:
         raise ValueError(f"{key}: {msg}")
 
 
 def validate(cfg: PipelineConfig) -> PipelineConfig:
-    _check(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
-    _check(cfg.model.device in DEVICES, "model.device", f"must be one of {DEVICES}, got {cfg.model.device!r}")
-    _check(bool(cfg.model.source), "model.source", "must not be empty")
-    _check(cfg.model.kernels in KERNELS, "model.kernels", f"must be one of {KERNELS}, got {cfg.model.kernels!r}")
-    _check(cfg.input.format in FORMATS, "input.format", f"must be one of {FORMATS}, got {cfg.input.format!r}")
-    _check(cfg.input.file_format in FILE_FORMATS, "input.file_format",
+    check(cfg.model.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}, got {cfg.model.dtype!r}")
+    check(cfg.model.device in DEVICES, "model.device", f"must be one of {DEVICES}, got {cfg.model.device!r}")
+    check(bool(cfg.model.source), "model.source", "must not be empty")
+    check(cfg.model.kernels in KERNELS, "model.kernels", f"must be one of {KERNELS}, got {cfg.model.kernels!r}")
+    check(cfg.input.format in FORMATS, "input.format", f"must be one of {FORMATS}, got {cfg.input.format!r}")
+    check(cfg.input.file_format in FILE_FORMATS, "input.file_format",
            f"must be one of {FILE_FORMATS}, got {cfg.input.file_format!r}")
-    _check(cfg.input.limit >= 0, "input.limit", f"must be >= 0 (0 = all rows), got {cfg.input.limit}")
-    _check(bool(cfg.output.path), "output.path", "must not be empty")
+    check(cfg.input.limit >= 0, "input.limit", f"must be >= 0 (0 = all rows), got {cfg.input.limit}")
+    check(bool(cfg.output.path), "output.path", "must not be empty")
     g = cfg.generation
-    _check(g.max_tokens_limit >= 1, "generation.max_tokens_limit", f"must be >= 1, got {g.max_tokens_limit}")
-    _check(1 <= g.max_tokens <= g.max_tokens_limit, "generation.max_tokens",
+    check(g.max_tokens_limit >= 1, "generation.max_tokens_limit", f"must be >= 1, got {g.max_tokens_limit}")
+    check(1 <= g.max_tokens <= g.max_tokens_limit, "generation.max_tokens",
            f"must be in [1, generation.max_tokens_limit={g.max_tokens_limit}], got {g.max_tokens}")
-    _check(g.temperature >= 0, "generation.temperature", f"must be >= 0, got {g.temperature}")
-    _check(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
-    _check(g.top_k >= 0, "generation.top_k", f"must be >= 0, got {g.top_k}")
+    check(g.temperature >= 0, "generation.temperature", f"must be >= 0, got {g.temperature}")
+    check(0 < g.top_p <= 1, "generation.top_p", f"must be in (0, 1], got {g.top_p}")
+    check(g.top_k >= 0, "generation.top_k", f"must be >= 0, got {g.top_k}")
     s = cfg.search
-    _check(s.drafter in DRAFTERS, "search.drafter", f"must be one of {DRAFTERS}, got {s.drafter!r}")
-    _check(s.ngram_max >= 1, "search.ngram_max", f"must be >= 1, got {s.ngram_max}")
-    _check(s.searcher in SEARCHERS, "search.searcher", f"must be one of {SEARCHERS}, got {s.searcher!r}")
-    _check(0 <= s.stop_threshold <= 1, "search.stop_threshold", f"must be in [0, 1], got {s.stop_threshold}")
-    _check(s.max_draft_len >= 1, "search.max_draft_len", f"must be >= 1, got {s.max_draft_len}")
-    _check(s.registry is None or not s.registry.startswith("s3://"), "search.registry",
+    check(s.drafter in DRAFTERS, "search.drafter", f"must be one of {DRAFTERS}, got {s.drafter!r}")
+    check(s.ngram_max >= 1, "search.ngram_max", f"must be >= 1, got {s.ngram_max}")
+    check(s.searcher in SEARCHERS, "search.searcher", f"must be one of {SEARCHERS}, got {s.searcher!r}")
+    check(0 <= s.stop_threshold <= 1, "search.stop_threshold", f"must be in [0, 1], got {s.stop_threshold}")
+    check(s.max_draft_len >= 1, "search.max_draft_len", f"must be >= 1, got {s.max_draft_len}")
+    check(s.registry is None or not s.registry.startswith("s3://"), "search.registry",
            "must be a local path (the registry is a local JSON file)")
-    _check(all(isinstance(i, int) and i >= 0 for i in s.skip_layers), "search.skip_layers",
+    check(all(isinstance(i, int) and i >= 0 for i in s.skip_layers), "search.skip_layers",
            f"must be a list of layer indices, got {s.skip_layers!r}")
     b = cfg.baseline
-    _check(0 <= b.fraction <= 1, "baseline.fraction", f"must be in [0, 1], got {b.fraction}")
-    _check(b.min_per_dataset >= 0, "baseline.min_per_dataset", f"must be >= 0, got {b.min_per_dataset}")
+    check(0 <= b.fraction <= 1, "baseline.fraction", f"must be in [0, 1], got {b.fraction}")
+    check(b.min_per_dataset >= 0, "baseline.min_per_dataset", f"must be >= 0, got {b.min_per_dataset}")
     r = cfg.ray
-    _check(r.concurrency >= 1, "ray.concurrency", f"must be >= 1, got {r.concurrency}")
-    _check(r.batch_size >= 1, "ray.batch_size", f"must be >= 1, got {r.batch_size}")
+    check(r.concurrency >= 1, "ray.concurrency", f"must be >= 1, got {r.concurrency}")
+    check(r.batch_size >= 1, "ray.batch_size", f"must be >= 1, got {r.batch_size}")
     e = cfg.engine
-    _check(e.max_batch == "auto" or (isinstance(e.max_batch, int) and not isinstance(e.max_batch, bool)
+    check(e.max_batch == "auto" or (isinstance(e.max_batch, int) and not isinstance(e.max_batch, bool)
                                      and e.max_batch >= 1),
            "engine.max_batch", f"must be auto or an integer >= 1, got {e.max_batch!r}")
-    _check(e.kv_cache_gb is None or e.kv_cache_gb > 0, "engine.kv_cache_gb", f"must be > 0, got {e.kv_cache_gb}")
-    _check(e.prefill_tokens >= 1, "engine.prefill_tokens", f"must be >= 1, got {e.prefill_tokens}")
-    _check(e.threads is None or e.threads >= 1, "engine.threads", f"must be >= 1 or null, got {e.threads}")
-    _check(r.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", f"must be > 0, got {r.num_cpus_per_actor}")
-    _check(r.max_restarts >= -1, "ray.max_restarts", f"must be >= -1 (-1 = forever), got {r.max_restarts}")
-    _check(r.max_task_retries >= -1, "ray.max_task_retries", f"must be >= -1, got {r.max_task_retries}")
+    check(e.kv_cache_gb is None or e.kv_cache_gb > 0, "engine.kv_cache_gb", f"must be > 0, got {e.kv_cache_gb}")
+    check(e.prefill_tokens >= 1, "engine.prefill_tokens", f"must be >= 1, got {e.prefill_tokens}")
+    check(e.threads is None or e.threads >= 1, "engine.threads", f"must be >= 1 or null, got {e.threads}")
+    check(r.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", f"must be > 0, got {r.num_cpus_per_actor}")
+    check(r.max_restarts >= -1, "ray.max_restarts", f"must be >= -1 (-1 = forever), got {r.max_restarts}")
+    check(r.max_task_retries >= -1, "ray.max_task_retries", f"must be >= -1, got {r.max_task_retries}")
     return cfg

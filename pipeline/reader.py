@@ -46,7 +46,7 @@ def file_stem(path: str) -> str:
     return posixpath.basename(path).split(".", 1)[0]
 
 
-def _file_format(path: str, file_format: str) -> str:
+def file_format_of(path: str, file_format: str) -> str:
     if file_format != "auto":
         return file_format
     ext = path.rsplit(".", 1)[-1].lower()
@@ -57,7 +57,7 @@ def _file_format(path: str, file_format: str) -> str:
     raise ValueError(f"input.file_format: cannot tell the format of {path} from its extension; set it")
 
 
-def _records(data: bytes, fmt: str) -> list[tuple[object, str]]:
+def parse_records(data: bytes, fmt: str) -> list[tuple[object, str]]:
     """(record or exception, raw text) per input record."""
     if fmt == "jsonl":
         out = []
@@ -81,7 +81,7 @@ def _records(data: bytes, fmt: str) -> list[tuple[object, str]]:
     return [(r, json.dumps(r, sort_keys=True, default=str)) for r in recs]
 
 
-def _missing(v) -> bool:
+def is_missing(v) -> bool:
     return v is None or (isinstance(v, float) and math.isnan(v))
 
 
@@ -109,7 +109,7 @@ def _messages(v) -> list[dict]:
 
 
 def _max_tokens(v, limit: int) -> int | None:
-    if _missing(v):
+    if is_missing(v):
         return None
     if isinstance(v, str):
         try:
@@ -124,8 +124,8 @@ def _max_tokens(v, limit: int) -> int | None:
     return v
 
 
-def _reference(v) -> str | None:
-    if _missing(v):
+def reference_text(v) -> str | None:
+    if is_missing(v):
         return None
     if isinstance(v, list):  # Spec-Bench keeps one reference per turn
         v = v[0] if v else None
@@ -143,34 +143,34 @@ def normalise(rec, raw: str, stem: str, position: int, fmt: str, max_tokens_limi
             raise rec
         if not isinstance(rec, dict):
             raise RowError("bad_record", f"expected an object, got {type(rec).__name__}")
-        if fmt != "specbench" and not _missing(rec.get("id")):  # before any check: error rows keep their id
+        if fmt != "specbench" and not is_missing(rec.get("id")):  # before any check: error rows keep their id
             row["id"] = str(rec["id"])
-        if fmt != "specbench" and not _missing(rec.get("dataset")):
+        if fmt != "specbench" and not is_missing(rec.get("dataset")):
             row["dataset"] = str(rec["dataset"])
         if fmt == "specbench":
-            if not _missing(rec.get("question_id")):
+            if not is_missing(rec.get("question_id")):
                 row["id"] = str(rec["question_id"])
-            if not _missing(rec.get("category")):
+            if not is_missing(rec.get("category")):
                 row["dataset"] = str(rec["category"])
             turns = rec.get("turns")
             if not isinstance(turns, list) or not turns:
                 raise RowError("bad_prompt", "a Spec-Bench record needs a non-empty 'turns' list")
             row["prompt"] = _text(turns[0], "turns[0]")
         elif fmt == "gsm8k":
-            row["dataset"] = str(rec["dataset"]) if not _missing(rec.get("dataset")) else "gsm8k"
+            row["dataset"] = str(rec["dataset"]) if not is_missing(rec.get("dataset")) else "gsm8k"
             row["prompt"] = _text(rec.get("question"), "question")
-            row["reference"] = _reference(rec.get("answer"))
+            row["reference"] = reference_text(rec.get("answer"))
         else:
-            if not _missing(rec.get("messages")):
+            if not is_missing(rec.get("messages")):
                 msgs = _messages(rec["messages"])
                 row["messages"] = json.dumps(msgs)
                 row["prompt"] = msgs[-1]["content"]
-            elif "prompt" in rec and not _missing(rec["prompt"]):
+            elif "prompt" in rec and not is_missing(rec["prompt"]):
                 row["prompt"] = _text(rec["prompt"], "prompt")
             else:
                 raise RowError("empty_prompt", "the record has neither 'prompt' nor 'messages'")
         if fmt != "gsm8k":
-            row["reference"] = _reference(rec.get("reference"))
+            row["reference"] = reference_text(rec.get("reference"))
         row["max_tokens"] = _max_tokens(rec.get("max_tokens"), max_tokens_limit)
     except RowError as e:
         row["error_type"], row["error_message"] = e.error_type, str(e)
@@ -186,5 +186,5 @@ def read_rows(path: str, storage=None, fmt: str = "records", file_format: str = 
     stem = file_stem(path)
     return [
         normalise(rec, raw, stem, i, fmt, max_tokens_limit)
-        for i, (rec, raw) in enumerate(_records(data, _file_format(path, file_format)))
+        for i, (rec, raw) in enumerate(parse_records(data, file_format_of(path, file_format)))
     ]

@@ -8,18 +8,20 @@ import socket
 from pathlib import Path
 
 
-def save_tiny_model(path: Path, layers: int = 4, context: int = 256) -> str:
-    """A random-init Llama with SmolLM2's tokenizer, saved as a local HF directory (no download)."""
+def save_tiny_model(path: Path, layers: int = 4, context: int = 256, seed: int = 0, tied: bool = True) -> str:
+    """A random-init Llama with SmolLM2's tokenizer, saved as a local HF directory (no download).
+    With ``tied`` embeddings it echoes its last input token (its greedy text after a chat prompt is
+    newlines); untied, it writes (random) words."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from conflayers.models import BUNDLED, resolve_source
 
     tok = AutoTokenizer.from_pretrained(resolve_source(BUNDLED)[0])
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=context,
-                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=True)
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, tie_word_embeddings=tied)
     LlamaForCausalLM(cfg).eval().save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
@@ -56,3 +58,25 @@ def env_with_venv() -> dict:
     env = dict(os.environ)
     env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
     return env
+
+
+class MotoS3:
+    """An S3 server (moto, server mode) on a free loopback port, with a boto3 client and the job's
+    storage overrides: ``with MotoS3() as s3: s3.client.create_bucket(...); s3.storage``."""
+
+    def __enter__(self):
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        port = free_port()
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+        self.server.start()
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                                   aws_secret_access_key="testing", region_name="us-east-1")
+        self.storage = {"storage.endpoint_url": self.endpoint, "storage.key": "testing",
+                        "storage.secret": "not-a-real-secret", "storage.region": "us-east-1"}
+        return self
+
+    def __exit__(self, *exc):
+        self.server.stop()

@@ -4,7 +4,6 @@ actor, fail-fast, and S3 (moto in server mode on loopback)."""
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,7 +11,7 @@ import pytest
 
 from pipeline.actor import OUTPUT_SCHEMA
 from pipeline.metrics import METRIC_FIELDS
-from tests.pipeline_helpers import free_port, job_overrides, save_tiny_model, write_corpus
+from tests.pipeline_helpers import MotoS3, job_overrides, save_tiny_model, write_corpus
 
 pytestmark = pytest.mark.slow
 
@@ -137,22 +136,12 @@ def test_fail_fast_fails_the_job(ray_local, tiny_dir, tmp_path):
 
 
 def test_s3_corpus_and_outputs(ray_local, tiny_dir, tmp_path):
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
-    server.start()
-    try:
-        endpoint = f"http://127.0.0.1:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
+    with MotoS3() as server:
+        s3 = server.client
         s3.create_bucket(Bucket="corpus")
         ids = write_corpus(tmp_path / "c.jsonl", n=4)
         s3.upload_file(str(tmp_path / "c.jsonl"), "corpus", "in/c.jsonl")
-        storage = {"storage.endpoint_url": endpoint, "storage.key": "testing", "storage.secret": "not-a-real-secret",
-                   "storage.region": "us-east-1"}
-        _run(ray_local, job_overrides(tiny_dir, "s3://corpus/in/", "s3://corpus/out", **storage))
+        _run(ray_local, job_overrides(tiny_dir, "s3://corpus/in/", "s3://corpus/out", **server.storage))
         keys = [o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="out/")["Contents"]]
         assert "out/metrics.parquet" in keys and "out/run_config.yaml" in keys
         assert "not-a-real-secret" not in s3.get_object(Bucket="corpus", Key="out/run_config.yaml")["Body"].read().decode()
@@ -165,5 +154,3 @@ def test_s3_corpus_and_outputs(ray_local, tiny_dir, tmp_path):
             s3.download_file("corpus", k, str(local / os.path.basename(k)))
             got += pq.read_table(local / os.path.basename(k)).column("id").to_pylist()
         assert sorted(got) == sorted(ids)
-    finally:
-        server.stop()
