@@ -17,8 +17,9 @@ controller predicts the batch's tokens/s for
 and runs the best one if it beats plain decoding by ``margin``, else plain decoding.
 
 Acceptance is estimated online, as a per-token Bernoulli rate: each verified draft of length ``l``
-with ``a`` accepted tokens counts ``a`` successes and one failure if ``a < l``; older steps weigh
-less (a row copies its input in one stretch and not in the next). n-gram: per row, shrunk toward
+with ``a`` accepted tokens counts ``a`` successes and one failure if ``a < l`` (a layer-skip draft
+pass that proposed nothing, its first token below the stop threshold, counts one failure); older
+steps weigh less (a row copies its input in one stretch and not in the next). n-gram: per row, shrunk toward
 its group's pooled rate (a per-dataset prior). Layer skip: per group, decayed so it
 follows the searcher's changing sets, starting from an optimistic prior so a set gets tried.
 Measured verify times refine the surface (``CostSurface.observe``).
@@ -26,8 +27,10 @@ Measured verify times refine the surface (``CostSurface.observe``).
 ConfLayers stays the layer-skip set finder, but its searcher only gets steps when the surface says
 a layer-skip draft could gain ``search_gain`` (15%: the searcher may spend up to 10% exploring,
 and real acceptance is below the optimistic one) at the current width even with optimistic
-acceptance (``optimistic_alpha``, half the layers skipped); otherwise it does not run at all, and
-``state()`` says so (on the 2-core CPU it cannot, at any width).
+acceptance (``optimistic_alpha``, half the layers skipped) over the best this step can do
+without it: plain decoding, or the rows' n-gram drafts where they are predicted to pay (where
+outputs copy the input, a search would only cost). Where it cannot gain over plain decoding it
+does not run at all, and ``state()`` says so (on the 2-core CPU: from width 2 on).
 """
 
 from __future__ import annotations
@@ -54,6 +57,11 @@ class _Rate:
     def add(self, successes: float, failures: float) -> None:
         self.s = self.s * self.decay + successes
         self.n = self.n * self.decay + successes + failures
+
+    def forget(self, factor: float) -> None:
+        """Age the evidence without adding any: the rate drifts back toward its prior."""
+        self.s *= factor
+        self.n *= factor
 
     def value(self, prior: float | None = None) -> float:
         p = self.prior if prior is None else prior
@@ -88,6 +96,7 @@ class AutoDrafter:
         self.assumed_skip_ratio = assumed_skip_ratio
         self.max_draft_len = max_draft_len
         self.search_gain = search_gain
+        self.ls_forget = 0.995  # per step a group's layer-skip evidence is not renewed (half-life ~140 steps)
         self._ng_rows: dict[int, _Rate] = {}
         self._ng_groups: dict[str, _Rate] = {}
         self._ls_groups: dict[str, _Rate] = {}
@@ -139,8 +148,11 @@ class AutoDrafter:
                 rate = tokens / s.seconds(w, q)
                 if rate > best["rate"]:
                     best = {"drafter": "ngram", "k": q - 1, "rate": rate, "drafts": drafts}
-        if self.layer_skip and self.layer_skip_can_pay(w)[0]:
-            fallback = best if best["rate"] >= plain * self.margin else {"drafter": "none", "k": 0, "rate": plain}
+        fallback = best if best["rate"] >= plain * self.margin else {"drafter": "none", "k": 0, "rate": plain}
+        can_pay, optimistic = self.layer_skip_can_pay(w) if self.layer_skip else (False, 0.0)
+        # the search runs only where even an optimistic layer-skip draft would beat what this step
+        # can do without it (plain decoding, or the rows' n-gram drafts) by search_gain
+        if can_pay and optimistic * plain >= self.search_gain * fallback["rate"]:
             for group in sorted(set(groups) & set(self.layer_skip)):
                 rows = [b for b, g in enumerate(groups) if g == group and limits[b] > 0]
                 if not rows:
@@ -181,8 +193,11 @@ class AutoDrafter:
             prop = Proposal.empty(w, device)
         self.decisions[d["drafter"]] += 1
         self.last_decision = {k: v for k, v in d.items() if k not in ("drafts", "rows", "fallback")}
+        for group, rate in self._ls_groups.items():  # not handed this step: old evidence slowly wears off,
+            if d.get("group") != group:           # so a set the searcher finds later is tried again now and then
+                rate.forget(self.ls_forget)
         self._last = {"decision": d, "groups": ctx.groups if len(ctx.groups) == w else [""] * w,
-                      "q": prop.tokens.shape[1] + 1}
+                      "q": prop.tokens.shape[1] + 1, "passes": prop.passes}
         live = {id(h) for h in ctx.histories}
         for k in [k for k in self._ng_rows if k not in live]:
             del self._ng_rows[k]
@@ -210,6 +225,8 @@ class AutoDrafter:
             for b in rows:
                 if lens[b]:
                     rate.add(acc[b], float(acc[b] < lens[b]))
+                elif last["passes"]:  # a draft pass ran and proposed nothing (below the stop threshold)
+                    rate.add(0.0, 1.0)
             self.layer_skip[group].observe(outcome.restrict(rows))
 
     def state(self) -> dict:

@@ -14,7 +14,8 @@ on a GPU at small width it is nearly free. So they are measured, not assumed:
   ``seconds(w, 1) * (fixed + (1 - fixed) * layers_run / L)``;
 - ``observe(w, q, seconds)`` refines the surface online from the engine's own step timings:
   correction factors (exponential averages of measured / predicted) per (width, q) cell and per
-  width (for cells not observed yet), so the surface follows the real context length, load and
+  width (for cells not observed yet), and a multi-token factor (per width, and pooled over widths)
+  for verify cells not observed yet, so the surface follows the real context length, load and
   verify shapes, which the calibration cannot know;
 - ``load_or_calibrate`` caches the table in JSON keyed by model, device, dtype, kernel plan and
   threads (``$CONFLAYERS_CACHE/costs.json``, default ``~/.cache/conflayers``; or a path given,
@@ -95,9 +96,18 @@ class CostSurface:
         return s * self._factor(w, q)
 
     def _factor(self, w: int, q: int) -> float:
-        """The online correction of a measured width: the cell's own once it has been observed,
-        else the width's (learned from every observation at that width)."""
-        return self.correction.get((w, q), self.correction.get(w, 1.0))
+        """The online correction of a measured width: the cell's own once it has been observed; else
+        the width's (learned from every observation at that width), and for a multi-token pass
+        times how much dearer multi-token passes have turned out than the width's steps suggest
+        (learned at that width, else at any width: long contexts make verify passes dearer than
+        the calibration's, and a controller must not keep choosing them at a width it has not
+        observed yet)."""
+        if (w, q) in self.correction:
+            return self.correction[(w, q)]
+        c = self.correction.get(w, 1.0)
+        if q > 1:
+            c *= self.correction.get((w, "multi"), self.correction.get("multi", 1.0))
+        return c
 
     def _around(self, w: int) -> tuple[int, int, float]:
         """The measured widths around ``w`` and the interpolation weight in log2 w."""
@@ -144,7 +154,8 @@ class CostSurface:
     # -- online refinement --------------------------------------------------------------------
     def observe(self, w: int, q: int, seconds: float) -> None:
         """Fold a measured forward of ``q`` tokens at width ``w`` into the corrections of the nearest
-        measured width: its (width, q) cell's and the width's own."""
+        measured width: its (width, q) cell's, the width's own, and for ``q > 1`` how much dearer
+        multi-token passes are than that width's correction says (per width and over all widths)."""
         if not (seconds > 0 and math.isfinite(seconds)):
             return
         w, q = max(1, int(w)), max(1, int(q))
@@ -152,10 +163,18 @@ class CostSurface:
         near = w0 if t < 0.5 else w1
         pred = self.seconds(w, q)
         base = pred / self._factor(near, q)  # the prediction without any correction
-        for key in ((near, q), near):
-            c = self._factor(near, q) if key == (near, q) else self.correction.get(near, 1.0)
-            ratio = min(10.0, max(0.1, seconds / (base * c)))
-            self.correction[key] = c * (1 - self.smoothing + ratio * self.smoothing)
+        ema = lambda c, r: c * (1 - self.smoothing + min(10.0, max(0.1, r / c)) * self.smoothing)  # noqa: E731
+        ratio = seconds / base
+        stepped = (near, 1) in self.correction  # plain steps seen at this width: they set its factor
+        self.correction[(near, q)] = ema(self._factor(near, q), ratio)
+        width = self.correction.get(near, 1.0)
+        if q > 1:  # relative to the width's own correction
+            rel = ratio / width
+            self.correction[(near, "multi")] = ema(self.correction.get((near, "multi"),
+                                                                      self.correction.get("multi", 1.0)), rel)
+            self.correction["multi"] = ema(self.correction.get("multi", 1.0), rel)
+        if q == 1 or not stepped:
+            self.correction[near] = ema(width, ratio)
         self.observations += 1
 
     # -- (de)serialisation --------------------------------------------------------------------

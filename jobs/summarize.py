@@ -27,8 +27,8 @@ import time
 from datetime import datetime, timezone
 
 from jobs.generate import _setup_logging, init_ray, load_config, save_run_config
-from pipeline.schedule import Schedule, parse_run_id
-from pipeline.summarize import SummarizeConfig, read_runs, run_tick, runs_table, validate_summarize
+from pipeline.schedule import Schedule
+from pipeline.summarize import SummarizeConfig, missed_ticks, read_runs, run_tick, runs_table, validate_summarize
 
 log = logging.getLogger("pipeline")
 
@@ -56,14 +56,11 @@ def _tick(cfg: SummarizeConfig, tick: datetime) -> bool:
 
 def serve_schedule(cfg: SummarizeConfig, schedule: Schedule) -> None:
     """Run ticks for ever (until interrupted)."""
-    now = datetime.now(timezone.utc)
     if cfg.schedule.catch_up:
-        runs = [r for r in read_runs(cfg) if r["status"] != "skipped"]
-        if runs:
-            missed = schedule.due(parse_run_id(runs[-1]["run_id"]), now, limit=cfg.schedule.max_catch_up)
-            log.info("catch-up: %d tick(s) missed since run %s", len(missed), runs[-1]["run_id"])
-            for t in missed:
-                _tick(cfg, t)
+        missed = missed_ticks(cfg, schedule, datetime.now(timezone.utc))
+        log.info("catch-up: %d missed tick(s) to run", len(missed))
+        for t in missed:
+            _tick(cfg, t)
     while True:
         nxt = schedule.next_after(datetime.now(timezone.utc))
         log.info("next tick at %s (%s)", nxt.isoformat(), cfg.schedule.cron)

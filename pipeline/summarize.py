@@ -4,20 +4,23 @@ Layout under ``output.path`` (local or ``s3://``)::
 
     state/lock.json                      the run lock (pipeline.lock)
     state/manifest.parquet               per document: the version last committed, and by which run
-    runs/<run_id>/input.jsonl            the tick's prompts (one per document version)
+    runs/<run_id>/documents.jsonl        the run's plan: its document versions (and prompts)
+    runs/<run_id>/input.jsonl            the prompts, as the generation pipeline reads them
     runs/<run_id>/work/                  the generation pipeline's outputs (batches, metrics, skip sets)
-    runs/<run_id>/summaries/part-0.parquet   the tick's committed summaries: the commit point
-    runs.parquet                         one row per tick
+    runs/<run_id>/summaries/part-0.parquet   the run's committed summaries: the commit point
+    runs.parquet                         one row per run
 
 A tick (``run_tick``): take the lock (or skip the tick and say who holds it); recover what a killed
-run left (a run whose summaries file exists but that the manifest does not know is folded into
-the manifest; a run directory without one is deleted: it never committed, its documents are
-still pending); list the documents, take the new and changed ones (up to ``max_docs_per_run``);
-truncate each to fit the context; run the generation pipeline (``pipeline.run``, the same model,
-search, engine and Ray settings as ``jobs.generate``) on them; check each summary; write the
-summaries file in one atomic write (the commit), then the manifest, then the tick's row in
-``runs.parquet``. A run killed at any point leaves either no summaries file (redone next tick)
-or a complete one (recorded next tick, never redone): every document version is committed once.
+run left: a run whose summaries file exists but that the manifest does not know is folded into
+the manifest; a run that wrote its plan but never committed is finished first, under its own id,
+its committed generation batches kept (the pipeline resumes them); a run directory without a plan
+is deleted. Then list the documents, take the new and changed ones (up to ``max_docs_per_run``),
+truncate each to fit the context, write the plan, run the generation pipeline (``pipeline.run``,
+the same model, search, engine and Ray settings as ``jobs.generate``) on them, check each
+summary, write the summaries file in one atomic write (the commit), then the manifest, then the
+run's row in ``runs.parquet``. A run killed at any point leaves no summaries file (finished or
+redone next tick) or a complete one (recorded next tick, never redone): every document version is
+committed once.
 """
 
 from __future__ import annotations
@@ -189,10 +192,11 @@ def _run_row(rid: str, start: str, end: str, status: str, message: str = "", **c
     return row
 
 
-def recover(cfg: SummarizeConfig, manifest: Manifest, current: str) -> list[str]:
+def recover(cfg: SummarizeConfig, manifest: Manifest, current: str) -> tuple[list[str], list[str]]:
     """Fold runs that committed but were killed before recording into the manifest (and runs.parquet);
-    delete run directories that never committed. Call with the lock held. Returns what was done."""
-    notes = []
+    list the runs that planned their documents but never committed (to be finished first), and
+    delete run directories killed before that. Call with the lock held. Returns (notes, runs to resume)."""
+    notes, resume = [], []
     done = committed_runs(cfg)
     known_runs = {r["run_id"] for r in read_runs(cfg)}
     for rid in done:
@@ -208,12 +212,21 @@ def recover(cfg: SummarizeConfig, manifest: Manifest, current: str) -> list[str]
         notes.append(f"run {rid}: its {len(rows)} committed summaries recorded ({n} new in the manifest)")
     fs, root = storage_io.filesystem(cfg.storage, _p(cfg, "runs"))
     if fs.exists(root):
-        for d in fs.ls(root, detail=False):
+        for d in sorted(fs.ls(root, detail=False)):
             rid = posixpath.basename(d.rstrip("/"))
-            if rid not in done and rid != current:
+            if rid in done or rid == current:
+                continue
+            if storage_io.exists(cfg.storage, _plan_file(cfg, rid)):
+                resume.append(rid)
+                notes.append(f"run {rid}: never committed; it is finished first (its committed batches are kept)")
+            else:
                 fs.rm(d, recursive=True)
-                notes.append(f"run {rid}: never committed; its partial outputs deleted (its documents are redone)")
-    return notes
+                notes.append(f"run {rid}: killed before it planned its documents; its directory deleted")
+    return notes, resume
+
+
+def _plan_file(cfg: SummarizeConfig, rid: str) -> str:
+    return _p(cfg, "runs", rid, "documents.jsonl")
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -309,15 +322,16 @@ def run_tick(cfg: SummarizeConfig, tick: datetime) -> dict:
 
 
 def _run_locked(cfg: SummarizeConfig, tick: datetime, rid: str, start: str, lock: RunLock) -> dict:
-    from .run import generations_path, run as run_pipeline
-
     manifest_path = _p(cfg, "state", "manifest.parquet")
     manifest = Manifest.load(cfg.storage, manifest_path)
-    notes = recover(cfg, manifest, rid)
+    notes, resume = recover(cfg, manifest, rid)
     for n in notes:
         log.info("recovery: %s", n)
     if notes:
         manifest.save(cfg.storage, manifest_path)
+    for old in resume:  # a killed run's documents, as it planned them: its committed batches are not redone
+        plan = [json.loads(line) for line in storage_io.read_bytes(cfg.storage, _plan_file(cfg, old)).decode().splitlines()]
+        _generate_and_commit(cfg, old, plan, manifest, lock, {"docs_new": len(plan)}, start, "resumed")
     if rid in committed_runs(cfg):
         log.info("tick %s: already committed; nothing to do", rid)
         return next(r for r in read_runs(cfg) if r["run_id"] == rid)
@@ -336,16 +350,25 @@ def _run_locked(cfg: SummarizeConfig, tick: datetime, rid: str, start: str, lock
         row = _run_row(rid, start, datetime.now(timezone.utc).isoformat(), "no_new_documents", **counts)
         _append_run(cfg, row)
         return row
-
     prompter = Prompter(cfg)
-    run_dir = _p(cfg, "runs", rid)
-    recs, meta = [], {}
+    plan = []
     for doc, version in take:
         rec, m = prompter.row(doc, version)
-        meta[rec["id"]] = m
-        if not m["error_type"]:
-            recs.append(rec)
-    pcfg = pipeline_config(cfg, run_dir)
+        plan.append({**m, "pid": rec["id"], "record": rec if not m["error_type"] else None})
+    # the plan first (atomic): a run killed after this point is finished by the next tick, not redone
+    storage_io.write_bytes_atomic(cfg.storage, _plan_file(cfg, rid), "".join(json.dumps(p) + "\n" for p in plan).encode())
+    return _generate_and_commit(cfg, rid, plan, manifest, lock, counts, start, "ok")
+
+
+def _generate_and_commit(cfg: SummarizeConfig, rid: str, plan: list[dict], manifest: Manifest, lock: RunLock,
+                         counts: dict, start: str, status: str) -> dict:
+    """Generate the planned documents' summaries (resuming the run's committed batches), commit them,
+    record them in the manifest and runs.parquet; returns the run's row."""
+    from .run import generations_path, run as run_pipeline
+
+    pcfg = pipeline_config(cfg, _p(cfg, "runs", rid))
+    recs = [p["record"] for p in plan if p["record"]]
+    meta = {p["pid"]: p for p in plan}
     metrics_all, gens = {}, {}
     t0 = time.perf_counter()
     if recs:
@@ -358,22 +381,34 @@ def _run_locked(cfg: SummarizeConfig, tick: datetime, rid: str, start: str, lock
     rows = _summary_rows(meta, gens, rid)
     _driver_exit(cfg, "before_commit")
     if not lock.still_held():
-        raise RuntimeError(f"tick {rid}: the run lock was taken over by another run; nothing committed "
+        raise RuntimeError(f"run {rid}: the run lock was taken over by another run; nothing committed "
                            "(the documents stay pending)")
     storage_io.write_parquet(cfg.storage, summaries_file(cfg, rid), pa.Table.from_pylist(rows, schema=SUMMARY_SCHEMA))
     _driver_exit(cfg, "after_commit")
     manifest.record(rows, rid)
-    manifest.save(cfg.storage, manifest_path)
+    manifest.save(cfg.storage, _p(cfg, "state", "manifest.parquet"))
     errors = sum(bool(r["error_type"]) for r in rows)
     out_tokens = sum(r["num_generated_tokens"] or 0 for r in rows)
-    row = _run_row(rid, start, datetime.now(timezone.utc).isoformat(), "ok" if not errors else "ok_with_errors",
+    if errors and status == "ok":
+        status = "ok_with_errors"
+    row = _run_row(rid, start, datetime.now(timezone.utc).isoformat(), status,
                    docs_done=len(rows) - errors, docs_error=errors,
                    input_tokens=sum(r["num_input_tokens"] or 0 for r in rows), output_tokens=out_tokens,
                    tokens_per_s=out_tokens / wall if wall and out_tokens else None,
                    speedup=metrics_all.get("speedup"), **counts)
     _append_run(cfg, row)
-    log.info("tick %s: committed %d summaries (%d errors) to %s", rid, len(rows), errors, summaries_file(cfg, rid))
+    log.info("run %s: committed %d summaries (%d errors) to %s", rid, len(rows), errors, summaries_file(cfg, rid))
     return row
+
+
+def missed_ticks(cfg: SummarizeConfig, schedule: Schedule, now: datetime) -> list[datetime]:
+    """The ticks due since the last recorded run, oldest first, at most ``schedule.max_catch_up``
+    (the most recent ones); none before a first run."""
+    runs = [r for r in read_runs(cfg) if r["status"] != "skipped"]
+    if not runs:
+        return []
+    due = schedule.due(parse_run_id(runs[-1]["run_id"]), now, limit=100_000)
+    return due[-cfg.schedule.max_catch_up:]
 
 
 def runs_table(rows: list[dict], last: int = 10) -> str:

@@ -139,6 +139,16 @@ def test_calibration_measures_and_is_cached(tmp_path):
     assert not cached
 
 
+def test_verify_passes_dearer_than_calibrated_make_unobserved_verify_cells_dearer_too():
+    s = CostSurface({1: {1: 1.0, 3: 2.0, 5: 3.0}, 4: {1: 2.0, 3: 6.0, 5: 8.0}}, n_layers=10)
+    for _ in range(60):  # plain steps at width 4 as calibrated, its 3-token verifies twice as dear (a long context)
+        s.observe(4, 1, 2.0)
+        s.observe(4, 3, 12.0)
+    assert s.seconds(4, 1) == pytest.approx(2.0, rel=0.05) and s.seconds(4, 3) == pytest.approx(12.0, rel=0.05)
+    assert s.seconds(4, 5) == pytest.approx(16.0, rel=0.1)  # not observed: the width's verify factor
+    assert s.seconds(1, 1) == 1.0 and s.seconds(1, 3) == pytest.approx(4.0, rel=0.1)  # other widths: the pooled one
+
+
 # -- the controller against a scripted environment -----------------------------------------------
 class ScriptedLayerSkip:
     """The environment of a simulation: a layer-skip drafter whose drafts are accepted token by token
@@ -202,6 +212,25 @@ def test_controller_on_a_gpu_like_surface_picks_the_section9_draft_length(alpha)
     predicted = sum(d["speedup"] for d in tail) / len(tail)
     assert predicted == pytest.approx(section9(alpha, best, surface, w), rel=0.05)
     assert env.observed == ctl.decisions["layerskip"]  # the searcher sees exactly the steps it drafted
+
+
+class DudSearcher(ScriptedLayerSkip):
+    """A searcher whose sets never reach the draft confidence: each draft pass proposes nothing."""
+
+    def propose(self, ctx):
+        w = len(ctx.histories)
+        return Proposal(torch.zeros(w, 0, dtype=torch.long), torch.zeros(w, dtype=torch.long), skip=self.skip,
+                        passes=1, drafter=self.name)
+
+
+def test_draft_passes_that_propose_nothing_count_as_rejections_and_the_search_backs_off():
+    env = DudSearcher(30)
+    ctl = AutoDrafter(gpu_like(30), NgramDrafter(), env)
+    simulate(ctl, 4, alpha=0.9, steps=600)
+    # the optimistic prior hands it the first steps; its empty drafts then pull the estimate down,
+    # and the evidence wears off slowly enough that it is only asked again now and then
+    assert 3 <= env.observed <= 40, env.observed
+    assert ctl.decisions["none"] >= 550
 
 
 @pytest.mark.parametrize("w", [8, 32, 64])

@@ -7,6 +7,7 @@ import json
 import time
 from datetime import datetime, timezone
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -14,7 +15,7 @@ from pipeline.documents import list_documents, read_documents
 from pipeline.lock import RunLock
 from pipeline.manifest import Manifest
 from pipeline.schedule import Schedule, parse_run_id, run_id
-from pipeline.summarize import SummarizeConfig, run_tick, validate_summarize
+from pipeline.summarize import RUN_SCHEMA, SummarizeConfig, missed_ticks, run_tick, validate_summarize
 
 UTC = timezone.utc
 
@@ -152,3 +153,16 @@ def test_the_manifest_takes_new_and_changed_documents(tmp_path):
     assert todo == [] and ignored == 1
     with pytest.raises(ValueError, match="input.on_change"):
         m.pending(docs, "maybe")
+
+
+def test_catch_up_lists_the_ticks_missed_since_the_last_run(tmp_path):
+    cfg = SummarizeConfig()
+    cfg.output.path = str(tmp_path)
+    cfg.schedule.max_catch_up = 3
+    hourly, now = Schedule("0 * * * *"), datetime(2026, 11, 26, 8, 30, tzinfo=UTC)
+    assert missed_ticks(cfg, hourly, now) == []  # no run yet: nothing to catch up
+    rows = [dict.fromkeys(RUN_SCHEMA.names, None) | {"run_id": rid, "status": st}
+            for rid, st in [("20261126T010000Z", "ok"), ("20261126T020000Z", "skipped")]]
+    pq.write_table(pa.Table.from_pylist(rows, schema=RUN_SCHEMA), tmp_path / "runs.parquet")
+    # ticks 02:00 .. 08:00 were missed (a skipped tick did not run); the 3 latest are run
+    assert [t.hour for t in missed_ticks(cfg, hourly, now)] == [6, 7, 8]
