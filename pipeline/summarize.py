@@ -316,12 +316,12 @@ def run_tick(cfg: SummarizeConfig, tick: datetime) -> dict:
         return _run_row(rid, start, datetime.now(timezone.utc).isoformat(), "skipped", why)
     log.info("tick %s: lock %s", rid, why)
     try:
-        return _run_locked(cfg, tick, rid, start, lock)
+        return _run_locked(cfg, rid, start, lock)
     finally:
         lock.release()
 
 
-def _run_locked(cfg: SummarizeConfig, tick: datetime, rid: str, start: str, lock: RunLock) -> dict:
+def _run_locked(cfg: SummarizeConfig, rid: str, start: str, lock: RunLock) -> dict:
     manifest_path = _p(cfg, "state", "manifest.parquet")
     manifest = Manifest.load(cfg.storage, manifest_path)
     notes, resume = recover(cfg, manifest, rid)

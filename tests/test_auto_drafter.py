@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, NoDrafter, Proposal, Request
+from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, Proposal, Request
 from conflayers.controller import AutoDrafter
 from conflayers.costs import CostSurface, calibrate, expected_tokens, load_or_calibrate
 from conflayers.drafters import DraftContext, StepOutcome
@@ -245,7 +245,7 @@ def test_controller_on_the_measured_cpu_surface_never_runs_layer_skip_at_width(w
 
 
 def test_controller_drafts_ngrams_where_outputs_copy_and_goes_plain_where_they_miss():
-    surface, w = cpu_surface(), 1
+    surface = cpu_surface()
     ctl = AutoDrafter(surface, NgramDrafter(), None)
     hist = [[5, 6, 7, 8, 9, 10, 11, 12] * 4]
     ctx = DraftContext(None, torch.zeros(1, dtype=torch.long), hist, torch.full((1,), 20), None, None, frozenset(), [""])

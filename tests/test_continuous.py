@@ -9,7 +9,6 @@ import torch
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, Request
 from conflayers.kv import KVState
 
-from .conftest import tiny_model
 
 STOP_NONE = ()
 

@@ -1,7 +1,6 @@
 """Rows of several groups in one decode batch, each group under its own drafter (float64)."""
 
 import pytest
-import torch
 
 from conflayers import Engine, FixedSkip, GenerationConfig, GroupRouter, LayerSkipDrafter, NoDrafter, Request
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from conflayers import Engine, GenerationConfig, LayerSkipDrafter
 from conflayers.models import encode_prompts
@@ -77,7 +76,7 @@ def test_cli_searcher_stream_json_and_registry(tmp_path):
     assert state["searcher"] == "conflayers" and state["objective"] == "acceptance"
     assert {"skip_set", "lambda", "iterations", "score", "plain_tokens_per_s"} <= set(state)
     if state["phase"] != "search":
-        entry = load_entry(registry, f"smollm2-135m-instruct|llama|L30|H576", "qa", 30)
+        entry = load_entry(registry, "smollm2-135m-instruct|llama|L30|H576", "qa", 30)
         assert entry.objective == "acceptance" and entry.iterations == state["iterations"]
     bad = run_cli("hi", "--searcher", "cached", "--registry", str(tmp_path / "none.json"))
     assert bad.returncode == 2 and "no entry for model" in bad.stderr
