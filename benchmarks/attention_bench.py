@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from engine_bench import table  # noqa: E402  (run as a script from benchmarks/)
+from engine_bench import table, timed_forward  # noqa: E402  (run as a script from benchmarks/)
 
 from conflayers import Engine
 from conflayers.attention import NAME
@@ -48,11 +48,7 @@ def forward_costs(engine, widths, qs, contexts, reps):
                     for a in ATTENTION if rep % 2 else ATTENTION[::-1]:
                         model.set_attn_implementation(a)
                         for q in qs:
-                            tokens = torch.randint(100, 40000, (w, q), generator=g)
-                            t0 = time.perf_counter()
-                            kv.forward(tokens)
-                            dt = time.perf_counter() - t0
-                            kv.rollback()
+                            dt = timed_forward(kv, q, g)
                             if rep:
                                 times[a, q].append(dt)
             for (a, q), ts in times.items():

@@ -94,6 +94,16 @@ def measure_costs(engine, prompt, skip, widths, reps=15):
     return plain, c / plain, {w: t / plain for w, t in v.items()}
 
 
+def timed_forward(kv, q: int, generator) -> float:
+    """Seconds of one forward of ``q`` random new tokens per row on ``kv`` (rolled back after)."""
+    tokens = torch.randint(100, 40000, (kv.n, q), generator=generator)
+    t0 = time.perf_counter()
+    kv.forward(tokens)
+    dt = time.perf_counter() - t0
+    kv.rollback()
+    return dt
+
+
 def table(head, rows):
     widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(head)]
     lines = ["| " + " | ".join(str(h).ljust(w) for h, w in zip(head, widths)) + " |"]

@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from engine_bench import hf_generate, load_prompts, table  # noqa: E402  (run as a script from benchmarks/)
+from engine_bench import hf_generate, load_prompts, table, timed_forward  # noqa: E402  (run as a script from benchmarks/)
 
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter
 from conflayers.kernels import apply_kernels, restore_native
@@ -63,11 +63,7 @@ def forward_costs(model, widths, qs, context, reps):
                 for k in order:
                     apply_kernels(model, k)
                     for q in qs:
-                        tokens = torch.randint(100, 40000, (w, q), generator=g)
-                        t0 = time.perf_counter()
-                        kv.forward(tokens)
-                        dt = time.perf_counter() - t0
-                        kv.rollback()
+                        dt = timed_forward(kv, q, g)
                         if rep:
                             times[k][q].append(dt)
         for k in KERNELS:

@@ -56,3 +56,13 @@ def smollm2():
     from conflayers.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for one test module (the job tests run the pipeline on it in-process)."""
+    import ray
+
+    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False)
+    yield
+    ray.shutdown()

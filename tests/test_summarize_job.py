@@ -21,15 +21,6 @@ LONG = " ".join(f"Sentence {i} of a long article about the harbour." for i in ra
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):  # writes (random) words
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", tied=False)
 
