@@ -45,7 +45,8 @@ def packed_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     out = torch.nn.functional.scaled_dot_product_attention(
         query.reshape(b, h // n_rep, n_rep * q, d), key, value, attn_mask=mask,
         dropout_p=dropout, scale=scaling)
-    return out.view(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+    # reshape, not view: CUDA kernels may return a non-contiguous output
+    return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(NAME, packed_sdpa)

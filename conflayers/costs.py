@@ -71,6 +71,11 @@ class CostSurface:
     smoothing: float = 0.1  # weight of one observation in the online correction
     correction: dict = field(default_factory=dict)  # measured / predicted, per (width, q) and per width
     observations: int = 0
+    prefill: float = 0.0  # seconds per prompt token of a prefill forward; 0 = not measured ...
+    prefill_fixed: float = 0.0  # ... plus these seconds per forward (launches, the LM head: all a GPU pays for a small one)
+    device: str = ""  # cpu | cuda (the kind of device it was measured on; "" = not recorded)
+    step_overhead: float = 0.0  # seconds the engine's loop adds to each decode step's forward (0 = not measured) ...
+    row_overhead: float = 0.0  # ... plus these seconds per row in the step (its per-row Python work)
 
     def __post_init__(self):
         self.table = {int(w): {int(q): float(s) for q, s in row.items()} for w, row in self.table.items()}
@@ -143,6 +148,31 @@ class CostSurface:
         f = self.fixed_share(w)
         return self.seconds(w, 1) * (f + (1 - f) * max(0, layers_run) / self.n_layers)
 
+    @property
+    def accelerator(self) -> str:
+        """What a pipeline run on this device reports as its accelerator: ``cpu`` or the GPU's name."""
+        parts = self.key.split("|")
+        name = parts[4] if len(parts) > 4 else ""
+        kind = self.device or ("cuda" if name.upper().startswith("NVIDIA") else "cpu")
+        return name if kind == "cuda" else "cpu"
+
+    @property
+    def dtype(self) -> str:
+        parts = self.key.split("|")
+        return parts[3].replace("torch.", "") if len(parts) > 3 else ""
+
+    @property
+    def threads(self) -> int:
+        last = self.key.rsplit("|", 1)[-1]
+        return int(last[7:]) if last.startswith("threads") and last[7:].isdigit() else 0
+
+    def prefill_seconds(self, rows: int, tokens: int) -> float:
+        """Predicted seconds of a prefill forward of ``tokens`` new tokens for each of ``rows`` rows
+        (logits at one column): the measured per-token cost, else the q-extrapolated surface."""
+        if self.prefill > 0:
+            return self.prefill_fixed + self.prefill * rows * tokens
+        return self.seconds(rows, tokens)
+
     def plain_rate(self, w: int) -> float:
         """Tokens/s of plain decoding at width ``w``."""
         return w / self.seconds(w, 1)
@@ -181,13 +211,17 @@ class CostSurface:
     def as_dict(self) -> dict:
         return {"table": {str(w): {str(q): s for q, s in row.items()} for w, row in self.table.items()},
                 "fixed": {str(w): f for w, f in self.fixed.items()}, "n_layers": self.n_layers,
-                "context": self.context, "key": self.key}
+                "context": self.context, "key": self.key, "prefill": self.prefill, "prefill_fixed": self.prefill_fixed,
+                "device": self.device, "step_overhead": self.step_overhead, "row_overhead": self.row_overhead}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostSurface":
         try:
             return cls(table=d["table"], n_layers=int(d["n_layers"]), fixed=d.get("fixed") or {},
-                       context=int(d.get("context") or 0), key=str(d.get("key") or ""))
+                       context=int(d.get("context") or 0), key=str(d.get("key") or ""),
+                       prefill=float(d.get("prefill") or 0.0), prefill_fixed=float(d.get("prefill_fixed") or 0.0), device=str(d.get("device") or ""),
+                       step_overhead=float(d.get("step_overhead") or 0.0),
+                       row_overhead=float(d.get("row_overhead") or 0.0))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a cost surface: {e}") from None
 
@@ -257,7 +291,62 @@ def calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256, 
             run = (L - len(half)) / L  # share of the layers the half pass runs
             # t_half = t_full * (f + (1 - f) * run)  =>  f = (t_half / t_full - run) / (1 - run)
             fixed[w] = min(1.0, max(0.0, (t[("half", 1)] / table[w][1] - run) / (1 - run)))
-    return CostSurface(table, L, fixed, context=context, key=surface_key(engine))
+    # prefill forward = fixed + per token x tokens, from a small and a large one
+    small, large = _time_prefill(engine, reps, cuda, 1, 16), _time_prefill(engine, reps, cuda, 4, 128)
+    per_token = max(1e-12, (large - small) / (4 * 128 - 16))
+    s = CostSurface(table, L, fixed, context=context, key=surface_key(engine), prefill=per_token,
+                    prefill_fixed=max(0.0, small - 16 * per_token), device=engine.device.type)
+    # the loop's own cost per step: a + b x rows, from short plain streams at two widths
+    w1, w2 = min(2, widths[-1]), min(16, widths[-1])
+    o1 = _time_stream_overhead(engine, s, w1, cuda)
+    o2 = _time_stream_overhead(engine, s, w2, cuda) if w2 > w1 else o1
+    s.row_overhead = max(0.0, (o2 - o1) / (w2 - w1)) if w2 > w1 else 0.0
+    s.step_overhead = max(0.0, o1 - s.row_overhead * w1)
+    return s
+
+
+def _time_prefill(engine, reps: int, cuda: bool, rows: int, tokens: int) -> float:
+    """Seconds of a prefill forward (``rows`` x ``tokens`` new tokens on an empty cache, logits at the
+    last column only, as the engine prefills), min over ``reps`` after a warm-up."""
+    kv = KVState(engine.model, slots=rows, columns=tokens + 8)
+    ids = torch.ones(rows, tokens, dtype=torch.long, device=engine.device)
+    zeros = torch.zeros(rows, dtype=torch.long, device=engine.device)
+    best = math.inf
+    for rep in range(reps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        kv.forward(ids, logits_to_keep=1, rows=(0, rows), offsets=zeros)
+        if cuda:
+            torch.cuda.synchronize()
+        if rep:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _time_stream_overhead(engine, surface: CostSurface, rows: int, cuda: bool, new: int = 16, prompt: int = 32) -> float:
+    """Seconds per decode step that ``Engine.stream`` spends beyond its forwards (drafting, acceptance,
+    per-row bookkeeping) at ``rows`` rows: a short plain stream against the surface's forecast of
+    its forwards (min of 2 after a warm-up)."""
+    from .engine import GenerationConfig, Request
+    from .forecast import stream_seconds
+
+    reqs = [Request([1] * prompt, new) for _ in range(rows)]
+    gc = GenerationConfig(max_new_tokens=new, stop_token_ids=())
+    best = math.inf
+    for rep in range(3):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in engine.stream(reqs, gc, max_batch=rows):
+            pass
+        if cuda:
+            torch.cuda.synchronize()
+        if rep:
+            best = min(best, time.perf_counter() - t0)
+    bare = CostSurface(surface.table, surface.n_layers, surface.fixed, prefill=surface.prefill,
+                       prefill_fixed=surface.prefill_fixed)
+    return max(0.0, (best - stream_seconds(bare, [(prompt, new)] * rows, rows).seconds) / (new - 1))
 
 
 def load_or_calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256,

@@ -21,6 +21,7 @@ Measured in ``benchmarks/kernel_bench.py``; the table is in ``docs/benchmarks/ke
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -71,11 +72,24 @@ def choose(model, kernels: str = "auto") -> tuple[str, str]:
         why_not = f"oneDNN has no {str(dtype).removeprefix('torch.')} linear kernels"
     elif not torch.backends.mkldnn.is_available():
         why_not = "this PyTorch build has no oneDNN"
+    elif not _onednn_runs(dtype):
+        why_not = f"this CPU lacks oneDNN's {str(dtype).removeprefix('torch.')} instructions (e.g. avx512bw/vl/dq)"
     if why_not is None:
         return "onednn", "prepacked oneDNN linears (the fastest measured CPU path)"
     if kernels == "onednn":
         raise ValueError(f"kernels='onednn' is not possible here: {why_not}")
     return "native", why_not
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_runs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs and runs a linear of ``dtype`` on this CPU (bf16 needs AVX-512 or AMX)."""
+    try:
+        w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(8, 8, dtype=dtype), None)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 8, dtype=dtype), w, None, "none", [], "")
+        return True
+    except RuntimeError:
+        return False
 
 
 def _onednn_forward(packed: torch.Tensor, bias: torch.Tensor | None):

@@ -40,21 +40,25 @@ def load_config(config_file: str | None, overrides: list[str], schema=PipelineCo
     return check(obj)
 
 
-def init_ray(cfg: PipelineConfig) -> None:
+def init_ray(cfg: PipelineConfig, concurrency: int | None = None) -> int | None:
+    """Join ``ray.address`` / ``$RAY_ADDRESS``, else start a local cluster sized for ``concurrency``
+    actors (default ``ray.concurrency``). Returns the machine's cores when it started a local one."""
     import ray
 
     if ray.is_initialized():  # embedded use (tests): the caller owns Ray
-        return
+        return None
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return
+        return None
     # a local cluster: logical CPUs for the actor pool plus the read tasks, even on a 2-core machine;
     # the machine is the job's, so its cores are shared among the actors' torch threads
-    if cfg.engine.threads is None:
-        cfg.engine.threads = max(1, (os.cpu_count() or 1) // cfg.ray.concurrency)
-    need = int(cfg.ray.concurrency * cfg.ray.num_cpus_per_actor) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False)
+    cores = os.cpu_count() or 1
+    if concurrency is None and cfg.engine.threads is None:
+        cfg.engine.threads = max(1, cores // cfg.ray.concurrency)
+    need = int((concurrency or cfg.ray.concurrency) * cfg.ray.num_cpus_per_actor) + 2
+    ray.init(num_cpus=max(cores, need), include_dashboard=False)
+    return cores
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -77,11 +81,7 @@ def _setup_logging() -> None:
 
 def save_run_config(cfg) -> None:
     """The resolved config next to the outputs (``run_config.yaml``), credentials masked."""
-    resolved = OmegaConf.structured(cfg)
-    if resolved.storage.secret:
-        resolved.storage.secret = "***"  # never write credentials next to the outputs
-    storage_io.write_bytes_atomic(cfg.storage, storage_io.join(cfg.output.path, "run_config.yaml"),
-                                  OmegaConf.to_yaml(resolved).encode())
+    storage_io.write_run_config(cfg, cfg.output.path)
 
 
 def main(argv: list[str] | None = None) -> int:

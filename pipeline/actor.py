@@ -99,6 +99,8 @@ class GenerationActor:
     def __init__(self, cfg: PipelineConfig, coordinator: str | None = None, namespace: str | None = None):
         import torch
 
+        t_init = time.perf_counter()
+
         from conflayers import Engine
         from conflayers.models import load_model
         from conflayers.registry import model_identity
@@ -131,6 +133,13 @@ class GenerationActor:
             import ray
 
             self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+        # start-up ends with the cost surface in hand (drafter auto), not in the first batch
+        self.surface = self._surface() if cfg.search.drafter == "auto" else None
+        self.threads = torch.get_num_threads() if self.device == "cpu" else 0
+        if self.coordinator is not None:
+            self.coordinator.actor_ready.remote(self.actor_id, {
+                "accelerator": self.accelerator, "width": self.width, "threads": self.threads,
+                "init_seconds": time.perf_counter() - t_init, "ready_at": time.time()})
 
     # -- helpers ------------------------------------------------------------------------------
     def _crash_once(self) -> None:
@@ -168,7 +177,7 @@ class GenerationActor:
         if s.drafter != "auto":
             return build_drafter(s.drafter, self.model, layer_skip, None, s.max_draft_len, s.ngram_max)
         if self.auto is None:
-            self.auto = build_drafter("auto", self.model, {}, self._surface(), s.max_draft_len, s.ngram_max)
+            self.auto = build_drafter("auto", self.model, {}, self.surface, s.max_draft_len, s.ngram_max)
         for d, drafter in layer_skip.items():
             self.auto.layer_skip.setdefault(d, drafter)
         return self.auto
@@ -282,7 +291,7 @@ class GenerationActor:
                 obs = per_dataset[dataset]
                 # a row's share of the stream's wall time is its share of the tokens generated
                 share = secs * r.stats.new_tokens / tokens
-                self._fill(out[i], r, share, self.policies[dataset])
+                self._fill(out[i], r, share, self.policies.get(dataset))
                 obs["tokens"] += r.stats.new_tokens
                 obs["steps"] += r.stats.steps
                 obs["drafted"] += r.stats.drafted
@@ -303,7 +312,7 @@ class GenerationActor:
                     obs["baseline_tokens"] += r.stats.new_tokens
                     obs["baseline_seconds"] += rec["baseline_compute_seconds"]
         for dataset, obs in per_dataset.items():
-            policy = self.policies[dataset]
+            policy = self.policies.get(dataset)  # None: drafter none runs no search
             obs["search_iterations"] = search_iterations(policy)
             obs["skip_set"] = current_set(policy)
             obs["settled"] = is_settled(policy)

@@ -27,6 +27,7 @@ class Coordinator:
         self.model: dict = {}
         self.latest: dict[str, list[int]] = {}  # the set each dataset's policy stood on at its last report
         self.surfaces: dict[str, dict] = {}  # cost surface per model x accelerator x dtype x kernels x threads
+        self.actors: dict[str, dict] = {}  # actor id -> accelerator, width, threads, init_seconds, ready_at
 
     def surface(self, key: str) -> dict | None:
         """A cost surface another actor measured on the same kind of accelerator (``drafter: auto``)."""
@@ -34,6 +35,13 @@ class Coordinator:
 
     def put_surface(self, key: str, surface: dict) -> None:
         self.surfaces.setdefault(key, surface)
+
+    def actor_ready(self, actor_id: str, info: dict) -> None:
+        """An actor finished starting (model loaded, width chosen, cost surface in hand)."""
+        self.actors[actor_id] = dict(info)
+
+    def actors_info(self) -> dict[str, dict]:
+        return {k: dict(v) for k, v in self.actors.items()}
 
     def report(self, dataset: str, obs: dict) -> None:
         key = tuple(sorted(obs.get("skip_set") or ()))

@@ -116,3 +116,13 @@ def read_parquet_dir(storage, path: str, columns: list[str] | None = None) -> pa
 def exists(storage, path: str) -> bool:
     fs, p = filesystem(storage, path)
     return fs.exists(p)
+
+
+def write_run_config(cfg, directory: str) -> None:
+    """``cfg`` (a config dataclass) resolved as ``<directory>/run_config.yaml``, credentials masked."""
+    from omegaconf import OmegaConf
+
+    resolved = OmegaConf.structured(cfg)
+    if resolved.storage.secret:
+        resolved.storage.secret = "***"  # never write credentials next to the outputs
+    write_bytes_atomic(cfg.storage, join(directory, "run_config.yaml"), OmegaConf.to_yaml(resolved).encode())

@@ -17,7 +17,7 @@ METRIC_FIELDS = (
     "tokens_per_s", "job_tokens_per_s", "baseline_rows", "baseline_tokens_per_s", "speedup", "tau",
     "acceptance_rate", "skip_set", "skip_ratio", "search_iterations", "exact_match_rate", "rouge2",
     "accelerator_type", "accelerator_count", "num_actors", "plain_step_share", "ngram_step_share",
-    "layerskip_step_share",
+    "layerskip_step_share", "startup_seconds",
 )
 STEP_KINDS = ("plain", "ngram", "layerskip")  # a row's steps by the drafter whose draft was verified
 
@@ -46,7 +46,7 @@ def rouge2(pairs: list[tuple[str, str]]) -> float | None:
 
 
 def _group(rows: list[dict], name: str, wall: float, n_layers: int | None, chosen: dict | None,
-           accel_type: str, accel_count: int) -> dict:
+           accel_type: str, accel_count: int, startup: float | None = None) -> dict:
     ok = [r for r in rows if not r["error_type"]]
     gen = sum(r["num_generated_tokens"] or 0 for r in ok)
     compute = sum(r["compute_seconds"] or 0 for r in ok)
@@ -91,11 +91,15 @@ def _group(rows: list[dict], name: str, wall: float, n_layers: int | None, chose
         "accelerator_count": accel_count,
         "num_actors": len({r["actor_id"] for r in ok}),
         **{f"{k}_step_share": _div(n, steps) for k, n in kind_steps.items()},
+        "startup_seconds": startup,
     }
 
 
 def compute_metrics(generations: pa.Table, wall_seconds: float, n_layers: int | None = None,
-                    chosen_sets: dict | None = None, accelerator_count: int = 0) -> list[dict]:
+                    chosen_sets: dict | None = None, accelerator_count: int = 0,
+                    startup_seconds: float | None = None) -> list[dict]:
+    """``startup_seconds``: from the job's start until its actors were ready (model loaded, width
+    chosen, cost surface in hand): part of ``wall_seconds`` that no token was generated in."""
     rows = dedupe(generations).to_pylist()
     accel = Counter(r["accelerator"] for r in rows if r["accelerator"])
     accel_type = accel.most_common(1)[0][0] if accel else "cpu"
@@ -103,9 +107,9 @@ def compute_metrics(generations: pa.Table, wall_seconds: float, n_layers: int | 
     by_ds: dict[str, list[dict]] = {}
     for r in rows:
         by_ds.setdefault(r["dataset"], []).append(r)
-    out = [_group(v, k, wall_seconds, n_layers, chosen_sets.get(k), accel_type, accelerator_count)
+    out = [_group(v, k, wall_seconds, n_layers, chosen_sets.get(k), accel_type, accelerator_count, startup_seconds)
            for k, v in sorted(by_ds.items())]
-    out.append(_group(rows, "__all__", wall_seconds, n_layers, None, accel_type, accelerator_count))
+    out.append(_group(rows, "__all__", wall_seconds, n_layers, None, accel_type, accelerator_count, startup_seconds))
     if len(by_ds) > 1:  # no single set for the whole run
         out[-1]["skip_set"], out[-1]["skip_ratio"] = [], None
     return out

@@ -104,7 +104,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
     import ray
 
     validate(cfg)
-    t0 = time.perf_counter()
+    t0, t0_wall = time.perf_counter(), time.time()
     if not cfg.input.path:
         cfg = replace(cfg, input=replace(cfg.input, path=DEMO_CORPUS))
     files = storage_io.list_input_files(cfg.storage, cfg.input.path)
@@ -159,6 +159,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
 
     sets = ray.get(coordinator.summary.remote())
     model = ray.get(coordinator.model_info.remote())
+    actors = ray.get(coordinator.actors_info.remote())
     ray.kill(coordinator)
 
     table = storage_io.read_parquet_dir(cfg.storage, generations_path(cfg))
@@ -170,16 +171,28 @@ def run(cfg: PipelineConfig) -> list[dict]:
     if missing:
         raise RuntimeError(f"{len(missing)} input id(s) missing from the output, e.g. {sorted(missing)[:3]}")
     metrics = compute_metrics(table, wall, model.get("n_layers"), sets,
-                              accelerator_count=r.concurrency if gpu else 0)
+                              accelerator_count=r.concurrency if gpu else 0,
+                              startup_seconds=startup_seconds(actors, t0_wall, r.concurrency, wall))
     storage_io.write_parquet(cfg.storage, storage_io.join(cfg.output.path, "metrics.parquet"), metrics_table(metrics))
     storage_io.write_bytes_atomic(cfg.storage, storage_io.join(cfg.output.path, "skip_sets.json"),
                                   json.dumps({"model": model, "datasets": sets}, indent=2, sort_keys=True).encode())
+    storage_io.write_bytes_atomic(cfg.storage, storage_io.join(cfg.output.path, "actors.json"),
+                                  json.dumps(actors, indent=2, sort_keys=True).encode())
     merged = _merge_registry(cfg, sets, model)
     if merged:
         log.info("merged %d skip set(s) into the registry %s", merged, cfg.search.registry)
     print(summary_table(metrics), flush=True)
     log.info("%d rows (%d errors) in %.1f s; outputs under %s", rows_done, errors, wall, cfg.output.path)
     return metrics
+
+
+def startup_seconds(actors: dict, t0_wall: float, concurrency: int, wall: float) -> float | None:
+    """Seconds from the job's start until its pool was ready: the ``concurrency``-th actor to report
+    ready (a restarted actor reports later and is not start-up)."""
+    ready = sorted(a["ready_at"] for a in actors.values() if a.get("ready_at"))
+    if not ready:
+        return None
+    return min(wall, max(0.0, ready[min(concurrency, len(ready)) - 1] - t0_wall))
 
 
 def committed_ids_expected(cfg: PipelineConfig, files: list[str]) -> set:
