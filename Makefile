@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup run test bench summarize clean
+.PHONY: setup run test bench summarize cost clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,10 @@ run: setup
 # one tick of the scheduled summarization job over the bundled documents; prints the run table
 summarize: setup
 	$(PY) -m jobs.summarize --config configs/summarize.yaml --once
+
+# the cluster cost comparison on the demo corpus: a small grid measured, more settings predicted, priced
+cost: setup
+	$(PY) -m jobs.cost --config configs/cost.yaml
 
 test: setup
 	$(PY) -m pytest -q

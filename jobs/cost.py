@@ -10,19 +10,14 @@ See ``pipeline.cost`` and the README's "Comparing cluster costs".
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from jobs.generate import _setup_logging, init_ray, load_config
+from jobs.generate import _setup_logging, init_ray, job_parser, load_config, reported
 from pipeline.cost import CostConfig, read_inputs, validate_cost
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file (e.g. configs/cost.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. grid.max_batch=[4,16] deadline_hours=24")
-    args = p.parse_args(argv)
+    args = job_parser("cost", __doc__, "grid.max_batch=[4,16] deadline_hours=24").parse_args(argv)
     _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides, CostConfig, validate_cost)
@@ -35,12 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # a local cluster's cells share this machine's cores among their actors
     local_cores = init_ray(cfg, concurrency=max(cfg.grid.concurrency or [1]))
-    try:
-        run_cost(cfg, local_cores, inputs)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return reported(run_cost, cfg, local_cores, inputs)
 
 
 if __name__ == "__main__":

@@ -84,12 +84,27 @@ def save_run_config(cfg) -> None:
     storage_io.write_run_config(cfg, cfg.output.path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.generate", description=__doc__,
+def job_parser(job: str, doc: str, example: str) -> argparse.ArgumentParser:
+    """``python -m jobs.<job> [--config FILE] [key=value ...]`` (a job adds its own flags)."""
+    p = argparse.ArgumentParser(prog=f"python -m jobs.{job}", description=doc,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file (e.g. configs/generate.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input.path=s3://bucket/x.jsonl")
-    args = p.parse_args(argv)
+    p.add_argument("--config", help=f"YAML config file (e.g. configs/{job}.yaml)")
+    p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    return p
+
+
+def reported(fn, *args) -> int:
+    """Run a job's body: bad input it finds on the way is one line on stderr and exit status 2."""
+    try:
+        fn(*args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_parser("generate", __doc__, "input.path=s3://bucket/x.jsonl").parse_args(argv)
     _setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
@@ -101,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     init_ray(cfg)
     save_run_config(cfg)
-    try:
-        run(cfg)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return reported(run, cfg)
 
 
 if __name__ == "__main__":

@@ -20,13 +20,12 @@ tick failed, 2 bad configuration.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
 from datetime import datetime, timezone
 
-from jobs.generate import _setup_logging, init_ray, load_config, save_run_config
+from jobs.generate import _setup_logging, init_ray, job_parser, load_config, save_run_config
 from pipeline.schedule import Schedule
 from pipeline.summarize import SummarizeConfig, missed_ticks, read_runs, run_tick, runs_table, validate_summarize
 
@@ -70,12 +69,9 @@ def serve_schedule(cfg: SummarizeConfig, schedule: Schedule) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m jobs.summarize", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config file (e.g. configs/summarize.yaml)")
+    p = job_parser("summarize", __doc__, "input.path=s3://bucket/docs/")
     p.add_argument("--once", action="store_true", help="run one tick now and exit")
     p.add_argument("--tick", help="run the tick of this time (ISO, e.g. 2026-11-26T01:00:00Z) and exit")
-    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. input.path=s3://bucket/docs/")
     args = p.parse_args(argv)
     _setup_logging()
     try:

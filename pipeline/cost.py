@@ -10,7 +10,8 @@ seconds the engines were busy, and the rows' lengths.
   under ``<output>/cells/<cell>/`` (a finished cell with the same config is reused on a rerun);
   or they are read from finished runs (``runs:``: ``metrics.parquet`` + ``run_config.yaml``);
 - **predicted** cells are settings not run: plain decoding of the sample's length distribution
-  replayed on a cost surface (``conflayers.forecast``), times the measured/predicted ratio of the
+  replayed on a cost surface (``conflayers.forecast``; the grid's devices are calibrated after
+  the grid, kept in ``<output>/surfaces.json`` with the cells), times the measured/predicted ratio of the
   nearest measured cell on that device with that drafter (what Ray, tokenisation and the drafter
   add or save), or the bare surface where no cell of that device was measured (said so).
 
@@ -41,9 +42,6 @@ from .reader import read_rows
 
 log = logging.getLogger("pipeline")
 
-REPO_PRICES = str(Path(__file__).resolve().parents[1] / "configs" / "prices.yaml")
-
-
 @dataclass
 class SampleConfig:
     rows: int = 16  # corpus rows every measured cell runs (the same rows for every cell)
@@ -59,7 +57,7 @@ class CorpusConfig:
 @dataclass
 class GridConfig:
     concurrency: list = field(default_factory=lambda: [1])
-    max_batch: list = field(default_factory=lambda: [4, 16])
+    max_batch: list = field(default_factory=lambda: [4, 8])
     drafter: list = field(default_factory=lambda: ["none", "auto"])
     dtype: list = field(default_factory=lambda: ["float32"])
     kernels: list = field(default_factory=lambda: ["auto"])
@@ -147,11 +145,12 @@ def validate_cost(cfg: CostConfig) -> CostConfig:
     return cfg
 
 
-def prices_path(cfg: CostConfig) -> str:
-    p = cfg.prices.path
+def repo_path(p: str) -> str:
+    """``p`` as given when it exists (or is ``s3://`` / absolute); a relative path missing here is
+    looked up in the project's checkout (the configs name ``configs/...`` and ``docs/...`` files)."""
     if storage_io.is_s3(p) or os.path.isabs(p) or os.path.exists(p):
         return p
-    repo = Path(REPO_PRICES).parents[1] / p
+    repo = Path(__file__).resolve().parents[1] / p
     return str(repo) if repo.exists() else p
 
 
@@ -367,6 +366,26 @@ def calibrate_surfaces(cfg: CostConfig, cells: list[dict], widths: list[int], co
     return out
 
 
+def grid_surfaces(cfg: CostConfig, grid: list[dict], widths: list[int], context: int) -> dict:
+    """The grid cells' cost surfaces: measured now (``calibrate_surfaces``) and kept in
+    ``<output>/surfaces.json`` with the cells, so a rerun that reuses the cells reuses them too
+    (and reports the same predictions), unless ``rerun`` or the widths or context changed."""
+    from conflayers.costs import CostSurface
+
+    path = storage_io.join(cfg.output.path, "surfaces.json")
+    want = {c["surface"] for c in grid}
+    stamp = {"widths": widths, "context": context, "cells": sorted(c["cell"] for c in grid)}
+    if not cfg.rerun and storage_io.exists(cfg.storage, path):
+        kept = json.loads(storage_io.read_bytes(cfg.storage, path))
+        if kept.get("stamp") == stamp and want <= set(kept.get("surfaces", {})):
+            log.info("cost surfaces of the grid's devices: reused from %s", path)
+            return {k: CostSurface.from_dict(v) for k, v in kept["surfaces"].items()}
+    raw = calibrate_surfaces(cfg, grid, widths, context)
+    out = {f"{dtype}|{kernels}|threads{threads}": d for (dtype, kernels, threads), d in raw.items()}
+    storage_io.write_bytes_atomic(cfg.storage, path, json.dumps({"stamp": stamp, "surfaces": out}, indent=1).encode())
+    return {k: CostSurface.from_dict(v) for k, v in out.items()}
+
+
 def sample_context(lengths: list[tuple[int, int]]) -> int:
     """A typical cache length while decoding the sample: median prompt + half the median output."""
     if not lengths:
@@ -387,7 +406,7 @@ def load_surface_files(cfg: CostConfig) -> dict:
     for i, path in enumerate(cfg.predict.surfaces):
         where = f"predict.surfaces[{i}]: {path}"
         try:
-            data = json.loads(storage_io.read_bytes(cfg.storage, path))
+            data = json.loads(storage_io.read_bytes(cfg.storage, repo_path(path)))
         except FileNotFoundError:
             raise FileNotFoundError(f"{where} does not exist") from None
         except ValueError as e:
@@ -430,7 +449,7 @@ class Inputs:
 def read_inputs(cfg: CostConfig) -> Inputs:
     from .prices import load_prices
 
-    prices = load_prices(prices_path(cfg), cfg.storage)
+    prices = load_prices(repo_path(cfg.prices.path), cfg.storage)
     only = list(cfg.prices.instances)
     unknown = set(only) - {p.name for p in prices.instances}
     check(not unknown, "prices.instances", f"{sorted(unknown)} not in {prices.path}")
@@ -446,8 +465,6 @@ def read_inputs(cfg: CostConfig) -> Inputs:
 def run_cost(cfg: CostConfig, local_cores: int | None = None, inputs: Inputs | None = None) -> dict:
     """Measure, predict, price and report; returns {"rows": report rows, "recommendation": str}.
     Every input is checked before a cell runs; the report files are written at the end, whole."""
-    from conflayers.costs import CostSurface
-
     from . import cost_report as rep
 
     inputs = inputs or read_inputs(cfg)
@@ -469,11 +486,9 @@ def run_cost(cfg: CostConfig, local_cores: int | None = None, inputs: Inputs | N
         grid = run_grid(cfg, sample_path, len(corpus.sample), local_cores)
         widths = sorted({1, *cfg.grid.max_batch, *cfg.predict.max_batch, *(c["width"] for c in grid)})
         ref = next((c for c in grid if c["drafter"] == "none"), grid[0])
-        raw = calibrate_surfaces(cfg, grid, widths, sample_context(ref["lengths"]))
-        for (dtype, kernels, threads), d in raw.items():
-            surfaces[f"{dtype}|{kernels}|threads{threads}"] = CostSurface.from_dict(d)
         for c in grid:
             c["surface"] = f"{c['dtype']}|{c['kernels']}|threads{c['threads']}"
+        surfaces.update(grid_surfaces(cfg, grid, widths, sample_context(ref["lengths"])))
         measured = grid + measured
     rep.add_ratios(measured, surfaces)
     with_lengths = [c for c in measured if c["lengths"]]

@@ -232,6 +232,12 @@ def _usd(r: dict, pricing: str) -> float | None:
     return r["corpus_usd"] if pricing == "on_demand" else r["corpus_spot_usd"]
 
 
+def _cheapest(rows: list[dict], pricing: str, tie: float = 0.01) -> dict:
+    """The cheapest row; among rows within ``tie`` (1%) of its cost, the fastest."""
+    low = min(_usd(r, pricing) for r in rows)
+    return min((r for r in rows if _usd(r, pricing) <= low * (1 + tie)), key=lambda r: r["corpus_hours"])
+
+
 def recommend(rows: list[dict], deadline_hours: float | None, pricing: str) -> str:
     ok = [r for r in rows if _usd(r, pricing) is not None and (r["exact_match"] is None or r["exact_match"] >= 1.0)]
     if not ok:
@@ -244,10 +250,10 @@ def recommend(rows: list[dict], deadline_hours: float | None, pricing: str) -> s
             f = min(ok, key=lambda r: r["corpus_hours"])
             return (f"no cell finishes the corpus ({corpus}) within {deadline_hours:g} h; the fastest is {f['cell']} on "
                     f"{f['instance']} ({f['mode']}): {f['corpus_hours']:.2f} h, ${_usd(f, pricing):,.4g} at {what}")
-        best = min(meet, key=lambda r: _usd(r, pricing))
+        best = _cheapest(meet, pricing)
         cond = f"finishing within {deadline_hours:g} h"
     else:
-        best = min(ok, key=lambda r: _usd(r, pricing))
+        best = _cheapest(ok, pricing)
         cond = "(no deadline_hours given)"
     return (f"cheapest {cond}: {best['cell']} on {best['instance']} ({best['mode']}): {best['corpus_hours']:.2f} h and "
             f"${_usd(best, pricing):,.4g} for the corpus ({corpus}) at {what}, "
@@ -297,9 +303,9 @@ def pareto_plot(rows: list[dict], path: str, pricing: str, deadline_hours: float
             best = _usd(r, pricing)
             front.append(r)
     ax.plot([r["corpus_hours"] for r in front], [_usd(r, pricing) for r in front], "k--", lw=0.8, label="Pareto front")
-    for r in front:
+    for i, r in enumerate(front):
         ax.annotate(f"{r['cell']}\n{r['instance']}", (r["corpus_hours"], _usd(r, pricing)), fontsize=6,
-                    xytext=(4, 4), textcoords="offset points")
+                    xytext=(4, 6 + 16 * (i % 3)), textcoords="offset points")
     if deadline_hours is not None:
         ax.axvline(deadline_hours, color="red", lw=0.8, label=f"deadline {deadline_hours:g} h")
     for n in insts:

@@ -75,6 +75,9 @@ def test_grid_cells_run_the_same_rows_and_the_report_prices_them(setup, ray_loca
     again = pq.read_table(out / "cost.parquet").to_pylist()
     assert [r["tokens_per_s"] for r in again if r["mode"] == "measured"] == \
         [r["tokens_per_s"] for r in rows if r["mode"] == "measured"]
+    # ... with the cost surfaces measured for them (out/surfaces.json): the same predictions
+    assert [r["predicted_tokens_per_s"] for r in again] == [r["predicted_tokens_per_s"] for r in rows]
+    assert [r["corpus_hours"] for r in again] == [r["corpus_hours"] for r in rows]
 
 
 def test_a_cluster_accelerator_without_a_price_fails_before_any_cell_runs(setup, ray_local, capsys):
