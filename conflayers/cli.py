@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear-layer kernels: auto (prepacked oneDNN on CPU float32/bfloat16, else default), "
                         "native (PyTorch's default), onednn")
     p.add_argument("--cache-dir", help="where converted GGUF models are cached")
+    p.add_argument("--revision", help="a hub model's commit hash, tag or branch")
+    p.add_argument("--allow-pickle", action="store_true", help="load .bin/.pt (pickle) weights: trusted checkpoints only")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code from the model's repository: trusted code only")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--batch-size", type=parse_width, default="auto",
                    help="rows in flight (continuous batching): an integer, or auto (default): the width with the best "
@@ -174,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             sampling=SamplingParams(args.temperature, args.top_p, args.top_k),
             seed=args.seed,
         )
-        model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir)
+        model, tokenizer = load_model(args.model, args.dtype, args.device, args.cache_dir, args.allow_pickle,
+                                      args.trust_remote_code, args.revision)
         engine = Engine(model, args.kernels)
         dataset = args.dataset or (Path(args.prompts_file).stem if args.prompts_file else "demo")
         policy = None

@@ -131,13 +131,40 @@ def resolve_source(source: str, cache_dir: Path | None = None) -> tuple[str, dic
     return source, {}
 
 
+PICKLE_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def _check_weights(path: str, allow_pickle: bool) -> None:
+    """A local model directory must hold safetensors weights unless pickle files are allowed:
+    unpickling a checkpoint can run any code its author put in it."""
+    d = Path(path)
+    if allow_pickle or not d.is_dir():
+        return
+    files = [f.name for f in d.iterdir() if f.is_file()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = sorted(f for f in files if f.endswith(PICKLE_WEIGHTS))
+    if pickles:
+        raise ValueError(f"{path} holds only pickle weights ({', '.join(pickles[:3])}): loading them can run "
+                         "arbitrary code. Convert them to safetensors, or set model.allow_pickle=true "
+                         "(--allow-pickle) for a checkpoint you trust")
+    raise FileNotFoundError(f"{path} holds no model weights (*.safetensors)")
+
+
 def load_model(
     source: str = BUNDLED,
     dtype: str | torch.dtype = "float32",
     device: str = "cpu",
     cache_dir: str | Path | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
 ):
-    """Load (model, tokenizer) from a source (see module docstring) in ``dtype`` on ``device``."""
+    """Load (model, tokenizer) from a source (see module docstring) in ``dtype`` on ``device``.
+
+    Safe by default: safetensors weights only (``allow_pickle`` admits ``.bin``/``.pt`` checkpoints),
+    no code from the model's repository (``trust_remote_code``), and a hub model can be pinned to a
+    ``revision`` (a commit hash, tag or branch)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if isinstance(dtype, str):
@@ -147,12 +174,17 @@ def load_model(
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device {device!r} requested but CUDA is not available")
     path, kwargs = resolve_source(source, Path(cache_dir) if cache_dir else None)
+    _check_weights(path, allow_pickle)
+    kwargs = {**kwargs, "trust_remote_code": trust_remote_code}
+    if revision and not Path(path).is_dir():
+        kwargs["revision"] = revision
     config = AutoConfig.from_pretrained(path, **kwargs)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
             f"unsupported model type {config.model_type!r} in {source}: supported are {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=None if allow_pickle else True,
+                                                 **kwargs).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model.name_or_path = source
     return model, tokenizer

@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline import io as storage_io
@@ -27,17 +27,55 @@ def load_config(config_file: str | None, overrides: list[str], schema=PipelineCo
     try:
         cfg = OmegaConf.structured(schema)
         if config_file:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(config_file))
+            from_file = _read_yaml(config_file)
+            warn_literal_secrets(from_file, config_file)
+            cfg = OmegaConf.merge(cfg, from_file)
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ValueError(f"overrides must be key=value, got {bad[0]!r}")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        from_cli = OmegaConf.from_dotlist(overrides)
+        warn_literal_secrets(from_cli, "the command line (visible in ps, shell history and Ray's job list)")
+        cfg = OmegaConf.merge(cfg, from_cli)
         obj = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None)
         msg = str(e).splitlines()[0]
+        if msg.startswith("KeyError raised while resolving interpolation: "):  # ${oc.env:X} with X unset
+            msg = msg.split(": ", 1)[1].strip('"')
         raise ValueError(f"{key}: {msg}" if key else msg) from None
     return check(obj)
+
+
+def _read_yaml(path: str):
+    """``--config``: a YAML mapping, or an error naming the file (and the line of a syntax error)."""
+    import yaml
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--config: no such file: {path}")
+    try:
+        node = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ValueError(f"--config: {path} is not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(node, DictConfig):
+        raise ValueError(f"--config: {path} must hold a mapping of sections (model:, input:, ...)")
+    return node
+
+
+def warn_literal_secrets(node, where: str) -> None:
+    """A credential written out in a config file or on the command line is a warning: give it as
+    ``storage.secret: ${oc.env:MY_SECRET}`` (resolved from the environment when the job starts)."""
+    storage = node.get("storage") if hasattr(node, "get") else None
+    if storage is None:
+        return
+    for key in ("secret", "key"):
+        if key not in storage or OmegaConf.is_interpolation(storage, key):  # never resolve it here
+            continue
+        if storage.get(key) is not None:
+            logging.getLogger("pipeline").warning(
+                "storage.%s is written out literally in %s: use ${oc.env:VARIABLE} (or leave it null for the "
+                "usual AWS credential chain) so credentials stay out of files and command lines", key, where)
 
 
 def init_ray(cfg: PipelineConfig, concurrency: int | None = None) -> int | None:

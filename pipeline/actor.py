@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -110,7 +111,9 @@ class GenerationActor:
         if self.device == "cpu":
             torch.set_num_threads(cfg.engine.threads or max(1, int(cfg.ray.num_cpus_per_actor)))
         self.accelerator = torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu"
-        self.model, self.tokenizer = load_model(cfg.model.source, cfg.model.dtype, self.device)
+        m = cfg.model
+        self.model, self.tokenizer = load_model(m.source, m.dtype, self.device, allow_pickle=m.allow_pickle,
+                                                trust_remote_code=m.trust_remote_code, revision=m.revision)
         self.engine = Engine(self.model, cfg.model.kernels)
         e = cfg.engine
         self.kv_budget = None if e.kv_cache_gb is None else int(e.kv_cache_gb * 2**30)
@@ -149,6 +152,42 @@ class GenerationActor:
                 f.write(self.actor_id)
             log.warning("debug.crash_once_marker: actor %s exits mid-batch on purpose", self.actor_id)
             os._exit(1)
+
+    def _hang_if_asked(self, ids: list[str]) -> None:
+        """Tests: a batch that never finishes (a hung kernel, a stuck read)."""
+        d = self.cfg.debug
+        once = d.hang_once_marker and not os.path.exists(d.hang_once_marker)
+        if once:
+            with open(d.hang_once_marker, "w") as f:
+                f.write(self.actor_id)
+        if once or set(ids) & set(map(str, d.hang_ids)):
+            log.warning("debug: actor %s hangs on purpose (batch of %s)", self.actor_id, ids[:3])
+            time.sleep(3600)
+
+    def _attempt(self, ids: list[str]) -> int:
+        """This batch's attempt number (1 = first), counted in ``<output>/attempts/`` (a retried batch runs
+        on a restarted or another actor, so the count lives with the outputs)."""
+        path = storage_io.join(self.cfg.output.path, "attempts", batch_file_name(ids).replace(".parquet", ".json"))
+        n = 0
+        if storage_io.exists(self.cfg.storage, path):
+            n = int(json.loads(storage_io.read_bytes(self.cfg.storage, path)).get("attempts", 0))
+        storage_io.write_bytes_atomic(self.cfg.storage, path, json.dumps({"attempts": n + 1}).encode())
+        return n + 1
+
+    def _watchdog(self, ids: list[str]):
+        """``ray.batch_timeout_s``: a timer that ends this actor's process if the batch outlives it (Ray then
+        restarts the actor and retries the batch; nothing of the batch was committed)."""
+        timeout = self.cfg.ray.batch_timeout_s
+
+        def expire():
+            log.error("batch of %d rows (%s ...) still running after ray.batch_timeout_s=%g s: actor %s exits so "
+                      "Ray retries it", len(ids), ids[0], timeout, self.actor_id)
+            os._exit(3)
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        return timer
 
     def _policy(self, dataset: str):
         if dataset not in self.policies:
@@ -239,10 +278,40 @@ class GenerationActor:
 
     # -- the batch ------------------------------------------------------------------------------
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from conflayers import NoDrafter, Request
-
         self._crash_once()
         rows = batch.to_pylist()
+        if self.cfg.ray.batch_timeout_s is None:
+            return self._run_batch(rows)
+        ids = [r["id"] for r in rows]
+        attempt = self._attempt(ids)
+        if attempt > self.cfg.ray.batch_attempts:
+            return self._timed_out(rows, attempt - 1)
+        timer = self._watchdog(ids)
+        try:
+            self._hang_if_asked(ids)
+            return self._run_batch(rows)
+        finally:
+            timer.cancel()
+
+    def _timed_out(self, rows: list[dict], attempts: int) -> pa.Table:
+        """The rows of a batch that timed out in every attempt, as ``timeout`` error rows (committed like
+        any batch, so the job finishes and the rows can be rerun on their own)."""
+        out = []
+        for row in rows:
+            rec = {k: row.get(k) for k in ("id", "dataset", "prompt", "messages", "reference", "max_tokens")}
+            rec.update(actor_id=self.actor_id, accelerator=self.accelerator, baseline=False,
+                       error_type=row.get("error_type") or "timeout",
+                       error_message=row.get("error_message") or (
+                           f"its batch did not finish within ray.batch_timeout_s={self.cfg.ray.batch_timeout_s:g} s "
+                           f"in {attempts} attempt(s) (ray.batch_attempts)"))
+            out.append(rec)
+        log.error("batch of %d rows (%s ...) timed out %d time(s): written as timeout error rows", len(rows),
+                  rows[0]["id"] if rows else "-", attempts)
+        return self._commit(out)
+
+    def _run_batch(self, rows: list[dict]) -> pa.Table:
+        from conflayers import NoDrafter, Request
+
         out: list[dict] = []
         todo: dict[str, list[tuple[int, Request]]] = defaultdict(list)
         for row in rows:
@@ -323,6 +392,10 @@ class GenerationActor:
         if self.coordinator is not None:
             for dataset, obs in per_dataset.items():
                 self.coordinator.report.remote(dataset, dict(obs))
+        return self._commit(out)
+
+    def _commit(self, out: list[dict]) -> pa.Table:
+        """Write the batch's rows as one Parquet file named by its ids (the commit), and return them."""
         table = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
         if out:
             path = storage_io.join(self.cfg.output.path, "generations", batch_file_name([r["id"] for r in out]))

@@ -24,6 +24,9 @@ class ModelConfig:
     dtype: str = "float32"
     device: str = "auto"
     kernels: str = "auto"  # auto (fastest known for the device) | native (PyTorch's default) | onednn
+    revision: Optional[str] = None  # a hub model's commit hash / tag / branch (pin it for reproducible runs)
+    allow_pickle: bool = False  # load .bin/.pt (pickle) weights: only for checkpoints you trust
+    trust_remote_code: bool = False  # run Python code from the model's repository: only for code you trust
 
 
 @dataclass
@@ -96,11 +99,15 @@ class RayConfig:
     num_cpus_per_actor: float = 1.0
     max_restarts: int = 3
     max_task_retries: int = 3
+    batch_timeout_s: Optional[float] = None  # a batch still running after this long kills its actor (null: no limit) ...
+    batch_attempts: int = 2  # ... and after this many timed-out attempts its rows are written as `timeout` error rows
 
 
 @dataclass
 class DebugConfig:
     crash_once_marker: Optional[str] = None  # tests: the first batch os._exit()s once if this file is absent
+    hang_ids: list = field(default_factory=list)  # tests: a batch holding one of these ids hangs (every attempt)
+    hang_once_marker: Optional[str] = None  # tests: the first batch hangs once if this file is absent
     driver_exit_at: Optional[str] = None  # tests: jobs.summarize's driver os._exit()s at before_commit | after_commit
 
 
@@ -157,6 +164,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     check(s.searcher in SEARCHERS, "search.searcher", f"must be one of {SEARCHERS}, got {s.searcher!r}")
     check(0 <= s.stop_threshold <= 1, "search.stop_threshold", f"must be in [0, 1], got {s.stop_threshold}")
     check(s.max_draft_len >= 1, "search.max_draft_len", f"must be >= 1, got {s.max_draft_len}")
+    check(s.searcher != "cached" or bool(s.registry), "search.registry",
+          "the cached searcher reads its skip sets from a registry: set search.registry to its JSON file")
     check(s.registry is None or not s.registry.startswith("s3://"), "search.registry",
            "must be a local path (the registry is a local JSON file)")
     check(all(isinstance(i, int) and i >= 0 for i in s.skip_layers), "search.skip_layers",
@@ -177,4 +186,10 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     check(r.num_cpus_per_actor > 0, "ray.num_cpus_per_actor", f"must be > 0, got {r.num_cpus_per_actor}")
     check(r.max_restarts >= -1, "ray.max_restarts", f"must be >= -1 (-1 = forever), got {r.max_restarts}")
     check(r.max_task_retries >= -1, "ray.max_task_retries", f"must be >= -1, got {r.max_task_retries}")
+    check(r.batch_timeout_s is None or r.batch_timeout_s > 0, "ray.batch_timeout_s",
+          f"must be > 0 seconds or null (no limit), got {r.batch_timeout_s}")
+    check(r.batch_attempts >= 1, "ray.batch_attempts", f"must be >= 1, got {r.batch_attempts}")
+    check(r.batch_timeout_s is None or r.max_task_retries == -1 or r.batch_attempts <= r.max_task_retries,
+          "ray.batch_attempts", f"must be <= ray.max_task_retries ({r.max_task_retries}): a batch's timed-out "
+          f"attempts are retries, and the attempt after the last one writes its rows as timeout error rows")
     return cfg

@@ -340,7 +340,7 @@ def calibrate_surfaces(cfg: CostConfig, cells: list[dict], widths: list[int], co
 
     gpu = _uses_gpu(PipelineConfig(**shared_sections(cfg)))
 
-    def calibrate_one(source, dtype, device, kernels, threads, widths, context):
+    def calibrate_one(m, dtype, device, kernels, threads, widths, context):
         import torch
 
         from conflayers import Engine
@@ -349,7 +349,8 @@ def calibrate_surfaces(cfg: CostConfig, cells: list[dict], widths: list[int], co
 
         if threads:
             torch.set_num_threads(threads)
-        model, _ = load_model(source, dtype, "cuda" if device == "cuda" else "cpu")
+        model, _ = load_model(m.source, dtype, "cuda" if device == "cuda" else "cpu", allow_pickle=m.allow_pickle,
+                              trust_remote_code=m.trust_remote_code, revision=m.revision)
         return calibrate(Engine(model, kernels), widths, (1,), context).as_dict()
 
     task = ray.remote(calibrate_one)
@@ -359,7 +360,7 @@ def calibrate_surfaces(cfg: CostConfig, cells: list[dict], widths: list[int], co
         if key in futures:
             continue
         opts = {"num_gpus": 1, "num_cpus": 0} if gpu else {"num_cpus": max(1, c["threads"] or 1)}
-        futures[key] = task.options(**opts).remote(cfg.model.source, c["dtype"], "cuda" if gpu else "cpu",
+        futures[key] = task.options(**opts).remote(cfg.model, c["dtype"], "cuda" if gpu else "cpu",
                                                      c["kernels"], c["threads"], sorted(set(widths)), context)
     for key, f in futures.items():
         out[key] = ray.get(f)

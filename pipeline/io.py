@@ -123,6 +123,7 @@ def write_run_config(cfg, directory: str) -> None:
     from omegaconf import OmegaConf
 
     resolved = OmegaConf.structured(cfg)
-    if resolved.storage.secret:
-        resolved.storage.secret = "***"  # never write credentials next to the outputs
+    for key in ("key", "secret"):  # never write credentials next to the outputs
+        if resolved.storage[key]:
+            resolved.storage[key] = "***"
     write_bytes_atomic(cfg.storage, join(directory, "run_config.yaml"), OmegaConf.to_yaml(resolved).encode())

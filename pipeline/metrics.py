@@ -45,74 +45,134 @@ def rouge2(pairs: list[tuple[str, str]]) -> float | None:
     return sum(scorer.score(ref, gen)["rouge2"].fmeasure for ref, gen in pairs) / len(pairs)
 
 
-def _group(rows: list[dict], name: str, wall: float, n_layers: int | None, chosen: dict | None,
-           accel_type: str, accel_count: int, startup: float | None = None) -> dict:
-    ok = [r for r in rows if not r["error_type"]]
-    gen = sum(r["num_generated_tokens"] or 0 for r in ok)
-    compute = sum(r["compute_seconds"] or 0 for r in ok)
-    base = [r for r in ok if r["baseline"]]
-    base_tok = sum(r["baseline_num_generated_tokens"] or 0 for r in base)
-    base_sec = sum(r["baseline_compute_seconds"] or 0 for r in base)
-    paired_tps = _div(sum(r["num_generated_tokens"] or 0 for r in base), sum(r["compute_seconds"] or 0 for r in base))
-    base_tps = _div(base_tok, base_sec)
-    steps = sum(r["steps"] or 0 for r in ok)
-    drafted = sum(r["drafted"] or 0 for r in ok)
-    accepted = sum(r["accepted"] or 0 for r in ok)
-    if chosen is not None:
-        skip = list(chosen.get("skip_set") or [])
-        iters = chosen.get("search_iterations")
-    else:
-        counts = Counter(tuple(r["skip_set"] or ()) for r in ok)
-        skip = list(counts.most_common(1)[0][0]) if counts else []
-        iters = max((r["search_iterations"] or 0 for r in ok), default=0)
-    exact = [r["baseline_exact_match"] for r in base if r["baseline_exact_match"] is not None]
-    kind_steps = {k: sum(r.get(f"{k}_steps") or 0 for r in ok) for k in STEP_KINDS}
-    return {
-        "dataset": name,
-        "rows_ok": len(ok),
-        "rows_error": len(rows) - len(ok),
-        "prompt_tokens": sum(r["num_input_tokens"] or 0 for r in ok),
-        "generated_tokens": gen,
-        "wall_seconds": wall,
-        "compute_seconds": compute,
-        "tokens_per_s": _div(gen, compute),
-        "job_tokens_per_s": _div(gen, wall),
-        "baseline_rows": len(base),
-        "baseline_tokens_per_s": base_tps,
-        "speedup": _div(paired_tps, base_tps) if paired_tps is not None else None,
-        "tau": _div(accepted + steps, steps),
-        "acceptance_rate": _div(accepted, drafted),
-        "skip_set": skip,
-        "skip_ratio": _div(len(skip), n_layers) if n_layers else None,
-        "search_iterations": int(iters or 0),
-        "exact_match_rate": _div(sum(exact), len(exact)),
-        "rouge2": rouge2([(r["reference"], r["generated_text"] or "") for r in ok if r["reference"]]),
-        "accelerator_type": accel_type,
-        "accelerator_count": accel_count,
-        "num_actors": len({r["actor_id"] for r in ok}),
-        **{f"{k}_step_share": _div(n, steps) for k, n in kind_steps.items()},
-        "startup_seconds": startup,
-    }
+class _Group:
+    """Running sums of one dataset's (or the whole run's) rows: memory does not grow with the rows."""
+
+    def __init__(self):
+        self.rows = self.ok = self.gen = self.prompt = 0
+        self.compute = 0.0
+        self.base = self.base_tok = self.paired_tok = 0
+        self.base_sec = self.paired_sec = 0.0
+        self.steps = self.drafted = self.accepted = 0
+        self.sets: Counter = Counter()
+        self.iters = 0
+        self.exact = [0, 0]  # matches, rows checked
+        self.rouge = [0.0, 0]  # sum of F1, rows with a reference
+        self.actors: set = set()
+        self.kinds: Counter = Counter(dict.fromkeys(STEP_KINDS, 0))
+
+    def add(self, r: dict, scorer) -> None:
+        self.rows += 1
+        if r["error_type"]:
+            return
+        self.ok += 1
+        self.gen += r["num_generated_tokens"] or 0
+        self.prompt += r["num_input_tokens"] or 0
+        self.compute += r["compute_seconds"] or 0
+        if r["baseline"]:
+            self.base += 1
+            self.base_tok += r["baseline_num_generated_tokens"] or 0
+            self.base_sec += r["baseline_compute_seconds"] or 0
+            self.paired_tok += r["num_generated_tokens"] or 0
+            self.paired_sec += r["compute_seconds"] or 0
+            if r["baseline_exact_match"] is not None:
+                self.exact[0] += bool(r["baseline_exact_match"])
+                self.exact[1] += 1
+        self.steps += r["steps"] or 0
+        self.drafted += r["drafted"] or 0
+        self.accepted += r["accepted"] or 0
+        self.sets[tuple(r["skip_set"] or ())] += 1
+        self.iters = max(self.iters, r["search_iterations"] or 0)
+        if r["reference"]:
+            self.rouge[0] += scorer().score(r["reference"], r["generated_text"] or "")["rouge2"].fmeasure
+            self.rouge[1] += 1
+        self.actors.add(r["actor_id"])
+        for k in STEP_KINDS:
+            self.kinds[k] += r.get(f"{k}_steps") or 0
+
+    def result(self, name: str, wall: float, n_layers: int | None, chosen: dict | None, accel_type: str,
+               accel_count: int, startup: float | None) -> dict:
+        paired_tps = _div(self.paired_tok, self.paired_sec)
+        base_tps = _div(self.base_tok, self.base_sec)
+        if chosen is not None:
+            skip, iters = list(chosen.get("skip_set") or []), chosen.get("search_iterations")
+        else:
+            skip, iters = (list(self.sets.most_common(1)[0][0]) if self.sets else []), self.iters
+        return {
+            "dataset": name,
+            "rows_ok": self.ok,
+            "rows_error": self.rows - self.ok,
+            "prompt_tokens": self.prompt,
+            "generated_tokens": self.gen,
+            "wall_seconds": wall,
+            "compute_seconds": self.compute,
+            "tokens_per_s": _div(self.gen, self.compute),
+            "job_tokens_per_s": _div(self.gen, wall),
+            "baseline_rows": self.base,
+            "baseline_tokens_per_s": base_tps,
+            "speedup": _div(paired_tps, base_tps) if paired_tps is not None else None,
+            "tau": _div(self.accepted + self.steps, self.steps),
+            "acceptance_rate": _div(self.accepted, self.drafted),
+            "skip_set": skip,
+            "skip_ratio": _div(len(skip), n_layers) if n_layers else None,
+            "search_iterations": int(iters or 0),
+            "exact_match_rate": _div(self.exact[0], self.exact[1]),
+            "rouge2": _div(self.rouge[0], self.rouge[1]),
+            "accelerator_type": accel_type,
+            "accelerator_count": accel_count,
+            "num_actors": len(self.actors),
+            **{f"{k}_step_share": _div(n, self.steps) for k, n in self.kinds.items()},
+            "startup_seconds": startup,
+        }
+
+
+class MetricsAccumulator:
+    """The run's metrics from its generation rows fed in any number of pieces (``add``), one row per
+    dataset plus ``__all__`` (``result``): the driver streams the outputs through it instead of
+    holding them. Rows must be unique by id (``dedupe`` them first if they may not be)."""
+
+    def __init__(self):
+        self.groups: dict[str, _Group] = {}
+        self.all = _Group()
+        self.accel: Counter = Counter()
+        self._scorer = None
+
+    def scorer(self):
+        if self._scorer is None:
+            from rouge_score import rouge_scorer
+
+            self._scorer = rouge_scorer.RougeScorer(["rouge2"])
+        return self._scorer
+
+    def add(self, rows: list[dict]) -> None:
+        for r in rows:
+            if r["accelerator"]:
+                self.accel[r["accelerator"]] += 1
+            self.groups.setdefault(r["dataset"], _Group()).add(r, self.scorer)
+            self.all.add(r, self.scorer)
+
+    def result(self, wall_seconds: float, n_layers: int | None = None, chosen_sets: dict | None = None,
+               accelerator_count: int = 0, startup_seconds: float | None = None) -> list[dict]:
+        """``startup_seconds``: from the job's start until its actors were ready (model loaded, width
+        chosen, cost surface in hand): part of ``wall_seconds`` that no token was generated in."""
+        accel_type = self.accel.most_common(1)[0][0] if self.accel else "cpu"
+        chosen_sets = chosen_sets or {}
+        args = (wall_seconds, n_layers)
+        out = [g.result(k, *args, chosen_sets.get(k), accel_type, accelerator_count, startup_seconds)
+               for k, g in sorted(self.groups.items())]
+        out.append(self.all.result("__all__", *args, None, accel_type, accelerator_count, startup_seconds))
+        if len(self.groups) > 1:  # no single set for the whole run
+            out[-1]["skip_set"], out[-1]["skip_ratio"] = [], None
+        return out
 
 
 def compute_metrics(generations: pa.Table, wall_seconds: float, n_layers: int | None = None,
                     chosen_sets: dict | None = None, accelerator_count: int = 0,
                     startup_seconds: float | None = None) -> list[dict]:
-    """``startup_seconds``: from the job's start until its actors were ready (model loaded, width
-    chosen, cost surface in hand): part of ``wall_seconds`` that no token was generated in."""
-    rows = dedupe(generations).to_pylist()
-    accel = Counter(r["accelerator"] for r in rows if r["accelerator"])
-    accel_type = accel.most_common(1)[0][0] if accel else "cpu"
-    chosen_sets = chosen_sets or {}
-    by_ds: dict[str, list[dict]] = {}
-    for r in rows:
-        by_ds.setdefault(r["dataset"], []).append(r)
-    out = [_group(v, k, wall_seconds, n_layers, chosen_sets.get(k), accel_type, accelerator_count, startup_seconds)
-           for k, v in sorted(by_ds.items())]
-    out.append(_group(rows, "__all__", wall_seconds, n_layers, None, accel_type, accelerator_count, startup_seconds))
-    if len(by_ds) > 1:  # no single set for the whole run
-        out[-1]["skip_set"], out[-1]["skip_ratio"] = [], None
-    return out
+    """``MetricsAccumulator`` over a whole table (deduplicated by id)."""
+    acc = MetricsAccumulator()
+    acc.add(dedupe(generations).to_pylist())
+    return acc.result(wall_seconds, n_layers, chosen_sets, accelerator_count, startup_seconds)
 
 
 METRICS_SCHEMA = pa.schema(

@@ -1,12 +1,17 @@
 """The driver: corpus -> Ray Data -> generation actors -> Parquet, metrics, skip sets.
 
 1. list the input files; read them in Ray tasks (each builds its own filesystem) into rows;
-2. drop ids already committed under ``<output>/generations/`` (resume);
+2. drop ids already committed under ``<output>/generations/`` (resume): an anti-join in Ray Data,
+   hash-partitioned over the cluster;
 3. ``map_batches(GenerationActor)`` on a fixed actor pool; each batch is written by its actor as
    one Parquet file; the driver logs one line per finished batch;
-4. read the committed generations back (deduplicated by id), check every input id is there
-   exactly once, write ``metrics.parquet`` and ``skip_sets.json``, merge searched sets into the
-   skip-set registry, and return the metrics.
+4. check that every input id is committed (another anti-join) and count ids committed twice,
+   stream the committed generations through running sums into ``metrics.parquet``, write
+   ``skip_sets.json`` and ``actors.json``, merge searched sets into the skip-set registry, and
+   return the metrics.
+
+The driver never holds the corpus's ids or outputs: its memory does not grow with the corpus
+(``benchmarks/id_accounting_bench.py``).
 """
 
 from __future__ import annotations
@@ -23,10 +28,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from . import io as storage_io
-from .actor import OUTPUT_SCHEMA, GenerationActor
+from .actor import GenerationActor
 from .config import PipelineConfig, validate
 from .coordinator import start_coordinator
-from .metrics import compute_metrics, dedupe, metrics_table, summary_table
+from .metrics import MetricsAccumulator, metrics_table, summary_table
 from .reader import ROW_FIELDS, read_rows
 
 log = logging.getLogger("pipeline")
@@ -48,16 +53,70 @@ def _read_files(storage, fmt: str, file_format: str, max_tokens_limit: int):
     return read
 
 
-def _drop_ids(done: frozenset):
-    def drop(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=pa.array(sorted(done), pa.string()))))
+def committed_files(cfg: PipelineConfig) -> list[str]:
+    """The committed batch files under ``generations/`` (names only: a few MB for millions of rows)."""
+    fs, p = storage_io.filesystem(cfg.storage, generations_path(cfg))
+    if not fs.exists(p):
+        return []
+    return sorted(f for f in fs.find(p) if f.endswith(".parquet"))
 
-    return drop
+
+def outputs_dataset(cfg: PipelineConfig, columns: list[str] | None = None):
+    """The committed generations as a Ray Dataset (read in Ray tasks, never whole on the driver); None if none."""
+    import ray
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    files = committed_files(cfg)
+    if not files:
+        return None
+    fs, _ = storage_io.filesystem(cfg.storage, generations_path(cfg))
+    return ray.data.read_parquet(files, filesystem=PyFileSystem(FSSpecHandler(fs)), columns=columns,
+                                 partitioning=None)
 
 
-def committed_ids(cfg: PipelineConfig) -> frozenset:
-    table = storage_io.read_parquet_dir(cfg.storage, generations_path(cfg), columns=["id"])
-    return frozenset(table.column("id").to_pylist()) if table is not None else frozenset()
+def input_dataset(cfg: PipelineConfig, files: list[str]):
+    """The input rows (read in Ray tasks, ``input.limit`` applied) as a Ray Dataset."""
+    import ray
+
+    r = cfg.ray
+    ds = ray.data.from_items([{"path": f} for f in files])
+    ds = ds.map_batches(_read_files(cfg.storage, cfg.input.format, cfg.input.file_format,
+                                    cfg.generation.max_tokens_limit), batch_size=1, batch_format="pyarrow",
+                        max_retries=r.max_task_retries if r.max_task_retries >= 0 else 3)  # finite
+    if cfg.input.limit:
+        ray.data.DataContext.get_current().execution_options.preserve_order = True  # a deterministic first N
+        ds = ds.limit(cfg.input.limit)
+    return ds
+
+
+def _partitions(cfg: PipelineConfig) -> int:
+    """Hash partitions for the id joins: enough that each holds a bounded share of the ids."""
+    return max(2, min(64, len(committed_files(cfg)) // 32 + 1))
+
+
+def without_committed(cfg: PipelineConfig, ds):
+    """``ds`` minus the rows whose id is already committed: an anti-join in Ray Data (hash-partitioned over
+    the cluster), so the driver never holds the set of done ids."""
+    done = outputs_dataset(cfg, ["id"])
+    if done is None:
+        return ds, 0
+    return ds.join(done, join_type="left_anti", num_partitions=_partitions(cfg), on=("id",)), done.count()
+
+
+def check_exactly_once(cfg: PipelineConfig, files: list[str]) -> int:
+    """Every input id (within ``input.limit``) is committed: an anti-join of the input's ids against the
+    outputs' in Ray Data. Returns how many ids are committed more than once (0 by design: a retried
+    batch rewrites its own file); raises if any is missing."""
+    ins = input_dataset(cfg, files).select_columns(["id"])
+    outs = outputs_dataset(cfg, ["id"])
+    missing = ins if outs is None else ins.join(outs, join_type="left_anti", num_partitions=_partitions(cfg),
+                                                 on=("id",))
+    some = [r["id"] for r in missing.take(3)]
+    if some:
+        raise RuntimeError(f"{missing.count()} input id(s) missing from the output, e.g. {sorted(some)}")
+    if outs is None:
+        return 0
+    return outs.groupby("id").count().filter(lambda r: r["count()"] > 1).count()
 
 
 def generations_path(cfg: PipelineConfig) -> str:
@@ -104,29 +163,23 @@ def run(cfg: PipelineConfig) -> list[dict]:
     import ray
 
     validate(cfg)
+    # no silent loss: a block that fails for good fails the job (Ray Data could drop up to this many)
+    ray.data.DataContext.get_current().max_errored_blocks = 0
     t0, t0_wall = time.perf_counter(), time.time()
     if not cfg.input.path:
         cfg = replace(cfg, input=replace(cfg.input, path=DEMO_CORPUS))
     files = storage_io.list_input_files(cfg.storage, cfg.input.path)
     if not cfg.output.resume:
         _clear_generations(cfg)
-    done = committed_ids(cfg)
+    ds, done = without_committed(cfg, input_dataset(cfg, files))
     log.info("input: %d file(s) from %s; %d id(s) already committed under %s", len(files), cfg.input.path,
-             len(done), cfg.output.path)
+             done, cfg.output.path)
 
     coord_name = f"conflayers-coordinator-{uuid.uuid4().hex[:8]}"
     coordinator = start_coordinator(coord_name)
     r = cfg.ray
     gpu = _uses_gpu(cfg)
 
-    ds = ray.data.from_items([{"path": f} for f in files])
-    ds = ds.map_batches(_read_files(cfg.storage, cfg.input.format, cfg.input.file_format,
-                                    cfg.generation.max_tokens_limit), batch_size=1, batch_format="pyarrow")
-    if cfg.input.limit:
-        ray.data.DataContext.get_current().execution_options.preserve_order = True  # a deterministic first N
-        ds = ds.limit(cfg.input.limit)
-    if done:
-        ds = ds.map_batches(_drop_ids(done), batch_format="pyarrow")
     ds = ds.repartition(target_num_rows_per_block=r.batch_size)  # one block per actor call: spread, and logged per batch
     with warnings.catch_warnings():  # max_restarts / max_task_retries still travel as ray_remote_args
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -162,17 +215,19 @@ def run(cfg: PipelineConfig) -> list[dict]:
     actors = ray.get(coordinator.actors_info.remote())
     ray.kill(coordinator)
 
-    table = storage_io.read_parquet_dir(cfg.storage, generations_path(cfg))
-    if table is None:
-        table = OUTPUT_SCHEMA.empty_table()
-    table = dedupe(table)
-    expected = committed_ids_expected(cfg, files)
-    missing = expected - set(table.column("id").to_pylist())
-    if missing:
-        raise RuntimeError(f"{len(missing)} input id(s) missing from the output, e.g. {sorted(missing)[:3]}")
-    metrics = compute_metrics(table, wall, model.get("n_layers"), sets,
-                              accelerator_count=r.concurrency if gpu else 0,
-                              startup_seconds=startup_seconds(actors, t0_wall, r.concurrency, wall))
+    duplicated = check_exactly_once(cfg, files)
+    # the metrics: the outputs streamed through running sums (the driver holds one block at a time)
+    acc, seen = MetricsAccumulator(), (set() if duplicated else None)
+    if duplicated:
+        log.warning("%d id(s) committed more than once: the metrics count each once", duplicated)
+    outs = outputs_dataset(cfg)
+    for block in (outs.iter_batches(batch_size=4096, batch_format="pyarrow") if outs is not None else []):
+        batch_rows = block.to_pylist()
+        if seen is not None:
+            batch_rows = [x for x in batch_rows if x["id"] not in seen and not seen.add(x["id"])]
+        acc.add(batch_rows)
+    metrics = acc.result(wall, model.get("n_layers"), sets, accelerator_count=r.concurrency if gpu else 0,
+                         startup_seconds=startup_seconds(actors, t0_wall, r.concurrency, wall))
     storage_io.write_parquet(cfg.storage, storage_io.join(cfg.output.path, "metrics.parquet"), metrics_table(metrics))
     storage_io.write_bytes_atomic(cfg.storage, storage_io.join(cfg.output.path, "skip_sets.json"),
                                   json.dumps({"model": model, "datasets": sets}, indent=2, sort_keys=True).encode())
@@ -195,12 +250,3 @@ def startup_seconds(actors: dict, t0_wall: float, concurrency: int, wall: float)
     return min(wall, max(0.0, ready[min(concurrency, len(ready)) - 1] - t0_wall))
 
 
-def committed_ids_expected(cfg: PipelineConfig, files: list[str]) -> set:
-    """Every id the input holds (within ``input.limit``), read on the driver for the exactly-once check."""
-    ids = []
-    for f in files:
-        ids += [r["id"] for r in read_rows(f, cfg.storage, cfg.input.format, cfg.input.file_format,
-                                           cfg.generation.max_tokens_limit)]
-        if cfg.input.limit and len(ids) >= cfg.input.limit:
-            return set(ids[: cfg.input.limit])
-    return set(ids)
