@@ -101,6 +101,8 @@ class RayConfig:
     max_task_retries: int = 3
     batch_timeout_s: Optional[float] = None  # a batch still running after this long kills its actor (null: no limit) ...
     batch_attempts: int = 2  # ... and after this many timed-out attempts its rows are written as `timeout` error rows
+    driver_ids: int = 100000  # id accounting: up to this many committed ids the driver holds them in a set (fast);
+    # above, the resume filter and the exactly-once check are Ray Data anti-joins (driver memory bounded)
 
 
 @dataclass
@@ -189,6 +191,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     check(r.batch_timeout_s is None or r.batch_timeout_s > 0, "ray.batch_timeout_s",
           f"must be > 0 seconds or null (no limit), got {r.batch_timeout_s}")
     check(r.batch_attempts >= 1, "ray.batch_attempts", f"must be >= 1, got {r.batch_attempts}")
+    check(r.driver_ids >= 0, "ray.driver_ids", f"must be >= 0, got {r.driver_ids}")
     check(r.batch_timeout_s is None or r.max_task_retries == -1 or r.batch_attempts <= r.max_task_retries,
           "ray.batch_attempts", f"must be <= ray.max_task_retries ({r.max_task_retries}): a batch's timed-out "
           f"attempts are retries, and the attempt after the last one writes its rows as timeout error rows")

@@ -10,8 +10,9 @@
    ``skip_sets.json`` and ``actors.json``, merge searched sets into the skip-set registry, and
    return the metrics.
 
-The driver never holds the corpus's ids or outputs: its memory does not grow with the corpus
-(``benchmarks/id_accounting_bench.py``).
+The driver never holds the corpus's outputs, and holds ids only up to ``ray.driver_ids`` of them
+(fast on small runs); above that the id accounting runs as Ray Data joins, so its memory does not
+grow with the corpus (``benchmarks/id_accounting_bench.py``).
 """
 
 from __future__ import annotations
@@ -94,28 +95,56 @@ def _partitions(cfg: PipelineConfig) -> int:
     return max(2, min(64, len(committed_files(cfg)) // 32 + 1))
 
 
+def _drop_ids(done: frozenset):
+    values = pa.array(sorted(done), pa.string())
+
+    def drop(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.invert(pc.is_in(batch.column("id"), value_set=values)))
+
+    return drop
+
+
+def _ids(ds) -> list[str]:
+    return [i for b in ds.iter_batches(batch_size=65536, batch_format="pyarrow") for i in b.column("id").to_pylist()]
+
+
 def without_committed(cfg: PipelineConfig, ds):
-    """``ds`` minus the rows whose id is already committed: an anti-join in Ray Data (hash-partitioned over
-    the cluster), so the driver never holds the set of done ids."""
+    """``ds`` minus the rows whose id is already committed, and how many are. Up to ``ray.driver_ids``
+    committed ids, a filter holding them (fast); above, an anti-join in Ray Data, hash-partitioned
+    over the cluster, so the driver never holds a set that grows with the corpus."""
     done = outputs_dataset(cfg, ["id"])
     if done is None:
         return ds, 0
-    return ds.join(done, join_type="left_anti", num_partitions=_partitions(cfg), on=("id",)), done.count()
+    n = done.count()
+    if n <= cfg.ray.driver_ids:
+        return ds.map_batches(_drop_ids(frozenset(_ids(done))), batch_format="pyarrow"), n
+    return ds.join(done, join_type="left_anti", num_partitions=_partitions(cfg), on=("id",)), n
 
 
 def check_exactly_once(cfg: PipelineConfig, files: list[str]) -> int:
-    """Every input id (within ``input.limit``) is committed: an anti-join of the input's ids against the
-    outputs' in Ray Data. Returns how many ids are committed more than once (0 by design: a retried
-    batch rewrites its own file); raises if any is missing."""
+    """Every input id (within ``input.limit``) is committed. Returns how many ids are committed more
+    than once (0 by design: a retried batch rewrites its own file); raises if any is missing. Up to
+    ``ray.driver_ids`` committed ids, the input's ids stream past a set of them on the driver; above,
+    an anti-join and a group-by count in Ray Data."""
     ins = input_dataset(cfg, files).select_columns(["id"])
     outs = outputs_dataset(cfg, ["id"])
-    missing = ins if outs is None else ins.join(outs, join_type="left_anti", num_partitions=_partitions(cfg),
-                                                 on=("id",))
-    some = [r["id"] for r in missing.take(3)]
+    n_out = outs.count() if outs is not None else 0
+    if n_out <= cfg.ray.driver_ids:
+        committed = _ids(outs) if outs is not None else []
+        have = set(committed)
+        missing, some = 0, []
+        for b in ins.iter_batches(batch_size=65536, batch_format="pyarrow"):
+            for i in b.column("id").to_pylist():
+                if i not in have:
+                    missing += 1
+                    some += [i][: 3 - len(some)]
+        if missing:
+            raise RuntimeError(f"{missing} input id(s) missing from the output, e.g. {sorted(some)}")
+        return len(committed) - len(have)
+    missing_ds = ins.join(outs, join_type="left_anti", num_partitions=_partitions(cfg), on=("id",))
+    some = [r["id"] for r in missing_ds.take(3)]
     if some:
-        raise RuntimeError(f"{missing.count()} input id(s) missing from the output, e.g. {sorted(some)}")
-    if outs is None:
-        return 0
+        raise RuntimeError(f"{missing_ds.count()} input id(s) missing from the output, e.g. {sorted(some)}")
     return outs.groupby("id").count().filter(lambda r: r["count()"] > 1).count()
 
 
