@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-stamp
 
-.PHONY: setup run test bench summarize cost clean
+.PHONY: setup run test bench summarize cost serve clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,10 @@ summarize: setup
 # the cluster cost comparison on the demo corpus: a small grid measured, more settings predicted, priced
 cost: setup
 	$(PY) -m jobs.cost --config configs/cost.yaml
+
+# the OpenAI-compatible endpoint on 127.0.0.1:8000 (Ctrl-C stops it)
+serve: setup
+	$(PY) -m jobs.serve --config configs/serve.yaml
 
 test: setup
 	$(PY) -m pytest -q

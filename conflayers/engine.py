@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -106,11 +106,17 @@ class RowStats:
 
 @dataclass
 class Request:
-    """A prompt with its own token budget (``None``: the config's ``max_new_tokens``) and group."""
+    """A prompt with its own token budget (``None``: the config's ``max_new_tokens``) and group.
+
+    ``on_tokens`` (optional) is called with the tokens the row commits, as it commits them (its first
+    token after prefill, then every step, its last ones included); returning a string ends the row
+    there with that finish reason (e.g. ``"stop"`` when a stop string appeared in the text, ``"abort"``
+    when the client went away), freeing its slot before the next step."""
 
     token_ids: list[int]
     max_new_tokens: int | None = None
     group: str = ""  # e.g. the row's dataset: conflayers.router.GroupRouter drafts per group
+    on_tokens: Callable[[list[int]], str | None] | None = None
 
 
 @dataclass
@@ -246,10 +252,17 @@ class Engine:
         max_batch: int = 8,
         prefill_tokens: int = 512,
         kv_budget_bytes: int | None = None,
+        pulse: bool = False,
     ) -> Iterator[tuple[int, RowResult]]:
         """Continuous batching: yields ``(input index, RowResult)`` as rows finish. A prompt that cannot
         run (empty, over the context, out of vocabulary, or over the KV budget at this width) yields
-        a result with ``error`` set and finish_reason ``error``."""
+        a result with ``error`` set and finish_reason ``error``.
+
+        For a server: ``prompts`` may yield ``None`` for "nothing to admit now" (the stream goes on with
+        the rows it has, and asks again when a slot is free), and with ``pulse`` the stream also yields
+        ``(-1, None)`` after every round (one prefill chunk and/or one decode step), so a caller can
+        interleave several streams or admit new requests between steps. Such a stream ends only when
+        ``prompts`` is exhausted."""
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if prefill_tokens < 1:
@@ -295,6 +308,8 @@ class Engine:
                         exhausted = True
                         break
                     i, p = nxt
+                    if p is None:  # nothing to admit now
+                        break
                     req = p if isinstance(p, Request) else Request(list(p))
                     ids = list(map(int, req.token_ids))
                     n_new = req.max_new_tokens or config.max_new_tokens
@@ -305,7 +320,8 @@ class Engine:
                     if err is not None:
                         yield i, RowResult([], RowStats(finish_reason="error"), error=f"prompt {err}")
                         continue
-                    joiners.append(_Row(i, ids, min(n_new, self.context - len(ids)), group=req.group))
+                    joiners.append(_Row(i, ids, min(n_new, self.context - len(ids)), group=req.group,
+                                        on_tokens=req.on_tokens))
                 joiners.sort(key=lambda r: -len(r.prompt))
                 jlo = len(rows)
                 if joiners:
@@ -331,11 +347,11 @@ class Engine:
                     joiners = []
                     kv.n = len(rows)
             if not rows:
-                if joiners:
-                    continue
-                if exhausted:
+                if exhausted and not joiners:
                     self.last_stream["kv_bytes"] = kv.storage_bytes()
                     return
+                if pulse:
+                    yield -1, None
                 continue
 
             # 2. draft
@@ -397,6 +413,8 @@ class Engine:
                     rows[s] = rows[end]
                 rows.pop()
             kv.n = len(rows)
+            if pulse:
+                yield -1, None
 
 
 def _ids(p) -> list[int]:
@@ -415,6 +433,7 @@ class _Row:
     last: int = 0
     result: RowResult = field(default_factory=lambda: RowResult([], RowStats()))
     history: list[int] = field(default_factory=list)
+    on_tokens: Callable[[list[int]], str | None] | None = None
 
     def __post_init__(self):
         self.history = list(self.prompt)
@@ -428,3 +447,7 @@ class _Row:
         self.history += toks
         self.result.stats.new_tokens += len(toks)
         self.result.stats.finish_reason = reason
+        if self.on_tokens is not None:
+            why = self.on_tokens(toks)
+            if why and reason is None:
+                self.result.stats.finish_reason = why

@@ -1,0 +1,68 @@
+"""The online endpoint: ``python -m jobs.serve [--config configs/serve.yaml] [key=value ...]``.
+
+Starts a local Ray (or joins ``ray.address`` / ``$RAY_ADDRESS``), runs the OpenAI-compatible app of
+``pipeline.serve`` on ``serve.host``:``serve.port`` and serves until interrupted (Ctrl-C, SIGTERM),
+then shuts Serve down. The same app under Serve's own CLI:
+
+    serve run jobs.serve:app_builder config=configs/serve.yaml serve.port=8000
+
+(every argument but ``config`` is a ``key=value`` override).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+from jobs.generate import _setup_logging, init_ray, job_parser, load_config
+from pipeline.serve import ServeConfig, build_app, served_model_name, validate_serve
+
+
+def start(cfg: ServeConfig) -> str:
+    """Run the app on this Ray cluster (Ray must be initialized); returns its base URL."""
+    from ray import serve
+
+    s = cfg.serve
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    return f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+
+
+def app_builder(args: dict):
+    """For ``serve run jobs.serve:app_builder config=FILE key=value ...``."""
+    args = dict(args)
+    cfg = load_config(args.pop("config", None), [f"{k}={v}" for k, v in args.items()], ServeConfig, validate_serve)
+    return build_app(cfg)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = job_parser("serve", __doc__, "serve.port=8000 search.registry=outputs/registry.json").parse_args(argv)
+    _setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides, ServeConfig, validate_serve)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(cfg.serve.num_replicas, int):
+        cfg.ray.concurrency = cfg.serve.num_replicas  # a local cluster shares its cores among the replicas
+    cfg.ray.num_cpus_per_actor = cfg.serve.num_cpus
+    init_ray(cfg)
+
+    from ray import serve
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    url = start(cfg)
+    print(f"serving {served_model_name(cfg)!r} at {url}/v1 (OpenAI API; GET {url}/healthz); Ctrl-C stops",
+          flush=True)
+    try:
+        stop.wait()
+    finally:
+        serve.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The online endpoint: an OpenAI-compatible Ray Serve app over the same engine, drafters and skip sets.
+
+One deployment, ``ConfLayersServer``, behind a FastAPI ingress: ``POST /v1/completions``,
+``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /healthz``. Each replica holds the model the
+way a generation actor does (``pipeline.actor.GenerationActor``: model, tokenizer, engine, width, cost
+surface, one skip-set policy per dataset, the ``auto`` controller) and a ``conflayers.scheduler.Scheduler``
+whose thread decodes every request in flight in continuous batches: a request joins the batch at
+its sampling setting's next round and leaves when it finishes. A request drafts under its dataset's
+skip-set policy (``metadata.dataset``, else ``serve.dataset``); with ``search.searcher: cached`` and
+``search.registry`` those are the skip sets the offline jobs learned.
+
+Replicas: one GPU each where the cluster has GPUs (``serve.num_gpus``), else ``serve.num_cpus``
+cores; ``serve.num_replicas`` / ``serve.autoscaling_config`` / ``serve.max_ongoing_requests`` are
+Serve's own options. Protocol details: ``pipeline.openai_api``.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from .config import JobSections, check, validate
+from .openai_api import ApiError, Limits, TextStream, chunk, new_id, now, parse_request, response, usage
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServeSettings:
+    host: str = "127.0.0.1"  # the HTTP address; 0.0.0.0 exposes the server to the network
+    port: int = 8000
+    route_prefix: str = "/"
+    app_name: str = "conflayers"
+    model_name: Optional[str] = None  # the `model` clients name; None: the last part of model.source
+    api_key: Optional[str] = None  # clients send "Authorization: Bearer <key>"; set it as ${oc.env:VARIABLE}
+    dataset: str = "default"  # the dataset tag (skip-set policy) of a request without metadata.dataset
+    num_replicas: Any = 1  # an integer, or "auto" (Serve autoscaling; see autoscaling_config)
+    autoscaling_config: Optional[dict] = None  # Serve's, e.g. {min_replicas: 1, max_replicas: 4}
+    max_ongoing_requests: int = 64  # per replica: requests over this wait in Serve's queue
+    num_cpus: float = 1.0  # per replica (also its torch threads on CPU unless engine.threads is set)
+    num_gpus: Optional[float] = None  # per replica; None: 1 where the cluster has GPUs, else 0
+    max_prompt_tokens: Optional[int] = None  # None: the model's context minus one
+    max_stop: int = 4  # entries of `stop`
+    max_body_bytes: int = 1_000_000  # request bodies over this are refused (413)
+    idle_lane_s: float = 60.0  # a sampling setting's decode lane closes (frees its KV cache) after this idle
+
+
+@dataclass
+class ServeConfig(JobSections):
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+
+def validate_serve(cfg: ServeConfig) -> ServeConfig:
+    from .config import InputConfig, OutputConfig, PipelineConfig
+
+    validate(PipelineConfig(**{k: getattr(cfg, k) for k in JobSections.__dataclass_fields__},
+                            input=InputConfig(), output=OutputConfig()))
+    s = cfg.serve
+    check(bool(s.host), "serve.host", "must not be empty")
+    check(0 <= s.port <= 65535, "serve.port", f"must be a TCP port (0..65535), got {s.port}")
+    check(s.route_prefix.startswith("/"), "serve.route_prefix", f"must start with '/', got {s.route_prefix!r}")
+    check(s.num_replicas == "auto" or (isinstance(s.num_replicas, int) and not isinstance(s.num_replicas, bool)
+                                       and s.num_replicas >= 1),
+          "serve.num_replicas", f"must be an integer >= 1 or auto, got {s.num_replicas!r}")
+    check(s.max_ongoing_requests >= 1, "serve.max_ongoing_requests", f"must be >= 1, got {s.max_ongoing_requests}")
+    check(s.num_cpus > 0, "serve.num_cpus", f"must be > 0, got {s.num_cpus}")
+    check(s.num_gpus is None or s.num_gpus >= 0, "serve.num_gpus", f"must be >= 0 or null, got {s.num_gpus}")
+    check(s.max_prompt_tokens is None or s.max_prompt_tokens >= 1, "serve.max_prompt_tokens",
+          f"must be >= 1 or null, got {s.max_prompt_tokens}")
+    check(s.max_stop >= 0, "serve.max_stop", f"must be >= 0, got {s.max_stop}")
+    check(s.max_body_bytes >= 1024, "serve.max_body_bytes", f"must be >= 1024, got {s.max_body_bytes}")
+    check(s.idle_lane_s > 0, "serve.idle_lane_s", f"must be > 0, got {s.idle_lane_s}")
+    check(s.api_key is None or len(s.api_key) >= 8, "serve.api_key", "must be at least 8 characters (or null: no key)")
+    return cfg
+
+
+def served_model_name(cfg: ServeConfig) -> str:
+    return cfg.serve.model_name or os.path.basename(cfg.model.source.rstrip("/")) or cfg.model.source
+
+
+class _Metrics:
+    """Per-request figures as Ray metrics (exported by Ray's Prometheus endpoint), named like vLLM's, and
+    running totals for ``/healthz``."""
+
+    def __init__(self, model: str):
+        from ray.util.metrics import Counter, Histogram
+
+        tags = ("model_name",)
+        seconds = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+        self.e2e = Histogram("conflayers_e2e_request_latency_seconds", "request latency, arrival to last token",
+                             seconds, tags)
+        self.ttft = Histogram("conflayers_time_to_first_token_seconds", "arrival to the first token", seconds, tags)
+        self.tps = Histogram("conflayers_request_tokens_per_second", "a request's new tokens / its decode time",
+                             [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000], tags)
+        self.prompt = Counter("conflayers_prompt_tokens_total", "prompt tokens", tags)
+        self.generation = Counter("conflayers_generation_tokens_total", "generated tokens", tags)
+        self.drafted = Counter("conflayers_spec_decode_num_draft_tokens_total", "draft tokens verified", tags)
+        self.accepted = Counter("conflayers_spec_decode_num_accepted_tokens_total", "draft tokens accepted", tags)
+        self.requests = Counter("conflayers_request_success_total", "finished requests by finish reason",
+                                tags + ("finished_reason",))
+        self.tags = {"model_name": model}
+        self.totals = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "drafted": 0, "accepted": 0,
+                       "aborted": 0, "aborted_tokens": 0}
+
+    def record(self, prompt_tokens: int, completion_tokens: int, stats, t0: float, first: float | None,
+               finish: str) -> None:
+        t = self.tags
+        self.e2e.observe(time.perf_counter() - t0, t)
+        if first is not None:
+            self.ttft.observe(first - t0, t)
+        if stats.decode_seconds > 0:
+            self.tps.observe(completion_tokens / (stats.prefill_seconds + stats.decode_seconds), t)
+        self.prompt.inc(prompt_tokens, t)
+        if completion_tokens:
+            self.generation.inc(completion_tokens, t)
+        if stats.drafted:
+            self.drafted.inc(stats.drafted, t)
+            self.accepted.inc(stats.accepted, t) if stats.accepted else None
+        self.requests.inc(1, {**t, "finished_reason": finish})
+        tot = self.totals
+        tot["requests"] += 1
+        tot["prompt_tokens"] += prompt_tokens
+        tot["completion_tokens"] += completion_tokens
+        tot["drafted"] += stats.drafted
+        tot["accepted"] += stats.accepted
+
+    def aborted(self, result) -> None:
+        """A request whose client went away: its row ended early (or never started)."""
+        self.requests.inc(1, {**self.tags, "finished_reason": "abort"})
+        self.totals["aborted"] += 1
+        self.totals["aborted_tokens"] += result.stats.new_tokens
+
+    def snapshot(self) -> dict:
+        tot = dict(self.totals)
+        tot["acceptance_rate"] = tot["accepted"] / tot["drafted"] if tot["drafted"] else None
+        return tot
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+api = FastAPI(title="ConfLayers", docs_url=None, redoc_url=None, openapi_url=None)
+
+
+def error(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+@serve.deployment
+@serve.ingress(api)
+class ConfLayersServer:
+    def __init__(self, cfg: ServeConfig):
+        from conflayers.scheduler import Scheduler
+
+        from .actor import GenerationActor
+
+        if cfg.engine.threads is None:
+            cfg.engine.threads = max(1, int(cfg.serve.num_cpus))
+        self.cfg = cfg
+        self.host = GenerationActor(cfg)  # the model as an offline actor holds it (no coordinator)
+        self.tokenizer = self.host.tokenizer
+        self.model_name = served_model_name(cfg)
+        context = self.host.engine.context
+        s, g = cfg.serve, cfg.generation
+        self.limits = Limits(max_prompt_tokens=min(s.max_prompt_tokens or context - 1, context - 1),
+                             max_tokens=g.max_tokens_limit, default_max_tokens=g.max_tokens, max_stop=s.max_stop)
+        self._router = None
+        self.metrics = _Metrics(self.model_name)
+        self.scheduler = Scheduler(self.host.engine, self._drafter_for, self.host.width,
+                                   cfg.engine.prefill_tokens, self.host.kv_budget, idle_s=s.idle_lane_s)
+        log.warning("serving %s: width %d, drafter %s", self.model_name, self.host.width, cfg.search.drafter)
+
+    def _drafter_for(self, group: str):
+        """The lane's drafter; every group's layer-skip policy joins the shared auto controller (or
+        the shared group router of ``layerskip``)."""
+        d = self.host._drafter([group])
+        if self.cfg.search.drafter != "layerskip":
+            return d
+        if self._router is None:
+            self._router = d
+        for k, v in d.drafters.items():
+            self._router.drafters.setdefault(k, v)
+        return self._router
+
+    def __del__(self):
+        sched = getattr(self, "scheduler", None)
+        if sched is not None:
+            sched.close(timeout=2)
+
+    # -- checks ----------------------------------------------------------------------------
+    def _auth(self, request: Request) -> None:
+        key = self.cfg.serve.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not given.startswith("Bearer "):
+            raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
+                           kind="authentication_error")
+        if not hmac.compare_digest(given[len("Bearer "):].encode(), key.encode()):
+            raise ApiError(401, "invalid API key", kind="authentication_error")
+
+    async def _body(self, request: Request):
+        cap = self.cfg.serve.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cap:
+            raise ApiError(413, f"the request body has {declared} bytes; this server takes at most {cap}")
+        raw = b""
+        async for part in request.stream():
+            raw += part
+            if len(raw) > cap:
+                raise ApiError(413, f"the request body is over {cap} bytes; this server takes at most {cap}")
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the request body is not valid JSON: {e}") from None
+
+    def _encode(self, req) -> list[int]:
+        from conflayers.models import encode_prompts
+
+        if req.chat:
+            ids = encode_prompts(self.tokenizer, [req.prompt], chat=True)[0]
+        else:
+            ids = list(self.tokenizer(req.prompt)["input_ids"])
+        if not ids:
+            raise ApiError(400, "the prompt has no tokens", "messages" if req.chat else "prompt")
+        cap = self.limits.max_prompt_tokens
+        if len(ids) > cap:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; this server takes at most {cap}",
+                           "messages" if req.chat else "prompt")
+        return ids
+
+    # -- routes ----------------------------------------------------------------------------
+    @api.get("/healthz")
+    async def healthz(self):
+        return {"status": "ok", "model": self.model_name, "width": self.host.width,
+                "drafter": self.cfg.search.drafter, "lanes": self.scheduler.lanes(),
+                "in_flight": self.scheduler.in_flight(),
+                "served": self.metrics.snapshot()}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        try:
+            self._auth(request)
+        except ApiError as e:
+            return error(e)
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "conflayers", "root": self.cfg.model.source,
+                                            "max_model_len": self.host.engine.context}]}
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._generate(request, chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._generate(request, chat=True)
+
+    async def _generate(self, request: Request, chat: bool):
+        from conflayers import SamplingParams
+
+        t0 = time.perf_counter()
+        try:
+            self._auth(request)
+            req = parse_request(await self._body(request), chat, self.model_name, self.limits)
+            ids = self._encode(req)
+        except ApiError as e:
+            return error(e)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        text = TextStream(self.tokenizer, req.stop)
+        first: list[float] = []
+
+        def on_tokens(toks):  # the scheduler's thread
+            if not first:
+                first.append(time.perf_counter())
+            delta = text.add(toks)
+            if delta:
+                loop.call_soon_threadsafe(events.put_nowait, delta)
+            return "stop" if text.stopped else None
+
+        def on_done(result):  # the scheduler's thread
+            if result.finish_reason == "abort":  # cancelled: the handler is gone
+                loop.call_soon_threadsafe(self.metrics.aborted, result)
+            else:
+                loop.call_soon_threadsafe(events.put_nowait, result)
+
+        sampling = SamplingParams(req.temperature, req.top_p, req.top_k)
+        ticket = self.scheduler.submit(ids, req.max_tokens, sampling, req.seed, req.dataset or self.cfg.serve.dataset,
+                                       on_tokens, on_done)
+        rid, created = new_id(chat), now()
+
+        def finished(result) -> tuple[str, dict]:
+            finish = "stop" if text.stopped else result.finish_reason
+            use = usage(len(ids), text.tokens)
+            self.metrics.record(len(ids), text.tokens, result.stats, t0, first[0] if first else None, finish)
+            return finish, use
+
+        if not req.stream:
+            try:
+                parts = []
+                while True:
+                    item = await events.get()
+                    if isinstance(item, str):
+                        parts.append(item)
+                        continue
+                    if item.error:
+                        return error(ApiError(500, f"generation failed: {item.error}", kind="server_error"))
+                    finish, use = finished(item)
+                    return response(req, rid, created, "".join(parts) + text.flush(), finish, use)
+            finally:
+                self.scheduler.cancel(ticket)  # the client went away: free the slot (no-op once done)
+
+        async def sse():
+            try:
+                opening = True
+                while True:
+                    item = await events.get()
+                    if isinstance(item, str):
+                        yield _sse(chunk(req, rid, created, item, None, first=opening))
+                        opening = False
+                        continue
+                    if item.error:
+                        yield _sse(ApiError(500, f"generation failed: {item.error}", kind="server_error").body())
+                    else:
+                        finish, use = finished(item)
+                        yield _sse(chunk(req, rid, created, text.flush(), finish, first=opening))
+                        if req.include_usage:
+                            yield _sse(chunk(req, rid, created, None, None, use))
+                    yield "data: [DONE]\n\n"
+                    return
+            finally:
+                self.scheduler.cancel(ticket)
+
+        return StreamingResponse(sse(), media_type="text/event-stream")
+
+
+def build_app(cfg: ServeConfig):
+    """The Serve application for ``cfg`` (``serve.run(build_app(cfg))``)."""
+    s = cfg.serve
+    num_gpus = s.num_gpus
+    if num_gpus is None:
+        num_gpus = 1 if _cluster_has_gpus(cfg) else 0
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": num_gpus},
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "num_replicas": s.num_replicas,
+    }
+    if s.autoscaling_config is not None:
+        options["autoscaling_config"] = dict(s.autoscaling_config)
+        options.pop("num_replicas") if s.num_replicas == 1 else None
+    return ConfLayersServer.options(**options).bind(cfg)
+
+
+def _cluster_has_gpus(cfg: ServeConfig) -> bool:
+    if cfg.model.device == "cpu":
+        return False
+    if cfg.model.device == "cuda":
+        return True
+    import ray
+
+    if ray.is_initialized():
+        return ray.cluster_resources().get("GPU", 0) > 0
+    import torch
+
+    return torch.cuda.is_available()
