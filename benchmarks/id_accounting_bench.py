@@ -1,17 +1,20 @@
 """Driver memory of the job's id accounting against corpus size: read, resume filter, exactly-once check.
 
-    python benchmarks/id_accounting_bench.py --rows 100000 1000000 --out docs/benchmarks/id_accounting
+    nice -n 10 python benchmarks/id_accounting_bench.py --rows 100000 1000000 --out docs/benchmarks/id_accounting
 
 For each size it writes a synthetic corpus (JSONL files of 100k rows) and synthetic committed outputs
 (Parquet batch files of 256 rows, as the actors write them), then runs, each in a fresh driver process
-on a local Ray (so its peak RSS is its own):
+on a local Ray with 2 CPUs (so its peak RSS is its own):
 
-- ``resume``: half the ids committed; ``pipeline.run.without_committed`` over the input (a Ray Data
-  anti-join) and a count of the rows left to generate;
-- ``check``: every id committed; ``pipeline.run.check_exactly_once`` (an anti-join of the input's ids
-  against the outputs', and a count of ids committed twice);
-- ``sets (before)``: what the driver did before (every committed id into a Python set, every input
-  id into another), for comparison.
+- ``resume``: half the ids committed; ``pipeline.run.without_committed`` over the input with
+  ``ray.driver_ids=0`` (hash buckets of the committed ids built in Ray tasks, the input filtered by a
+  search of them in Ray Data) and a count of the rows left to generate;
+- ``check``: every id committed; ``pipeline.run.check_exactly_once`` (one pass: the input's and the
+  outputs' ids hash-partitioned in Ray tasks, missing and duplicated ids counted per bucket);
+- ``sets``: what the driver did before issue 13 (every committed id into a Python set, every input id
+  into another), for comparison;
+- ``raydata`` (not run by default, slow): the exactly-once check as one Ray Data aggregation (input and
+  output ids tagged, unioned, grouped by id, counts summed), the library alternative to ``check``.
 
 No generation runs. Prints a table (driver peak RSS, wall) and writes ``table.md`` under ``--out``.
 """
@@ -59,6 +62,30 @@ def make_data(root: Path, n: int) -> None:
             pq.write_table(pa.Table.from_pylist(rows, schema=OUTPUT_SCHEMA), out / batch_file_name(ids))
 
 
+def _raydata_check(cfg, files) -> dict:
+    """The exactly-once check as Ray Data operations only: one hash-shuffled aggregation per id."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    from ray.data.aggregate import Sum
+
+    from pipeline.run import input_dataset, outputs_dataset
+
+    def tag(n_in: int):
+        def f(b: pa.Table) -> pa.Table:
+            ones = pa.array([n_in] * b.num_rows, pa.int64())
+            return pa.table({"id": b.column("id"), "n_in": ones, "n_out": pc.subtract(1, ones)})
+        return f
+
+    ins = input_dataset(cfg, files).select_columns(["id"]).map_batches(tag(1), batch_format="pyarrow")
+    outs = outputs_dataset(cfg, ["id"]).map_batches(tag(0), batch_format="pyarrow")
+    per_id = ins.union(outs).groupby("id").aggregate(Sum("n_in"), Sum("n_out"))
+    missing = duplicated = 0
+    for b in per_id.iter_batches(batch_size=65536, batch_format="pyarrow"):
+        missing += pc.sum(pc.and_(pc.greater(b.column("sum(n_in)"), 0), pc.equal(b.column("sum(n_out)"), 0))).as_py() or 0
+        duplicated += pc.sum(pc.greater(b.column("sum(n_out)"), 1)).as_py() or 0
+    return {"missing": missing, "duplicated": duplicated}
+
+
 def measure(root: str, mode: str) -> dict:
     """One measurement in this (fresh) process."""
     import ray
@@ -69,7 +96,7 @@ def measure(root: str, mode: str) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     out = "half" if mode == "resume" else "all"
     cfg = PipelineConfig(input=InputConfig(path=f"{root}/in"), output=OutputConfig(path=f"{root}/{out}"))
-    cfg.ray.driver_ids = 0  # the Ray Data joins, whatever the size (the job switches to them above ray.driver_ids)
+    cfg.ray.driver_ids = 0  # the bounded path, whatever the size (the job takes it above ray.driver_ids)
     files = list_input_files(cfg.storage, cfg.input.path)
     t0 = time.perf_counter()
     if mode == "resume":
@@ -81,6 +108,8 @@ def measure(root: str, mode: str) -> dict:
         from pipeline.run import check_exactly_once
 
         result = {"duplicated": check_exactly_once(cfg, files)}
+    elif mode == "raydata":
+        result = _raydata_check(cfg, files)
     else:  # the driver-side sets of before
         from pipeline.io import read_parquet_dir
         from pipeline.reader import read_rows
@@ -94,7 +123,14 @@ def measure(root: str, mode: str) -> dict:
     wall = time.perf_counter() - t0
     ray.shutdown()
     return {"mode": mode, "wall_s": wall, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            **result}
+            **result, "load": round(os.getloadavg()[0], 1)}
+
+
+def _cpu() -> str:
+    try:
+        return next(ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def main() -> int:
@@ -122,12 +158,12 @@ def main() -> int:
                 r = {"rows": n, **json.loads(proc.stdout.strip().splitlines()[-1])}
                 results.append(r)
                 print(f"  {mode:8s} peak RSS {r['peak_rss_mb']:7.0f} MB  wall {r['wall_s']:6.1f} s  "
-                      f"{ {k: v for k, v in r.items() if k not in ('rows', 'mode', 'wall_s', 'peak_rss_mb')} }",
+                      f"{ {k: v for k, v in r.items() if k not in ('rows', 'mode', 'wall_s', 'peak_rss_mb', 'load')} }",
                       flush=True)
-    lines = ["| rows | mode | driver peak RSS (MB) | wall (s) | result |", "|---|---|---|---|---|"]
+    lines = ["| rows | mode | driver peak RSS (MB) | wall (s) | load (1 min) | result |", "|---|---|---|---|---|---|"]
     for r in results:
-        extra = {k: v for k, v in r.items() if k not in ("rows", "mode", "wall_s", "peak_rss_mb")}
-        lines.append(f"| {r['rows']:,} | {r['mode']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} | {extra} |")
+        extra = {k: v for k, v in r.items() if k not in ("rows", "mode", "wall_s", "peak_rss_mb", "load")}
+        lines.append(f"| {r['rows']:,} | {r['mode']} | {r['peak_rss_mb']:.0f} | {r['wall_s']:.1f} | {r['load']} | {extra} |")
     growth = []
     for mode in args.modes:
         rss = [r["peak_rss_mb"] for r in results if r["mode"] == mode]
@@ -135,7 +171,7 @@ def main() -> int:
             growth.append(f"{mode}: {rss[-1] / rss[0] - 1:+.0%} from {args.rows[0]:,} to {args.rows[-1]:,} rows")
     text = "\n".join(["# Driver memory of the id accounting", "",
                       f"`python benchmarks/id_accounting_bench.py --rows {' '.join(map(str, args.rows))}`, "
-                      f"{datetime.now(timezone.utc):%Y-%m-%d}, {platform.node()} ({os.cpu_count()} cores), "
+                      f"{datetime.now(timezone.utc):%Y-%m-%d}, {_cpu()} ({os.cpu_count()} cores), "
                       "local Ray with 2 CPUs, each measurement in a fresh driver process.", "", *lines, "",
                       "Peak RSS growth: " + "; ".join(growth), ""])
     print("\n" + text)

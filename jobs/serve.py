@@ -4,9 +4,10 @@ Starts a local Ray (or joins ``ray.address`` / ``$RAY_ADDRESS``), runs the OpenA
 ``pipeline.serve`` on ``serve.host``:``serve.port`` and serves until interrupted (Ctrl-C, SIGTERM),
 then shuts Serve down. The same app under Serve's own CLI:
 
-    serve run jobs.serve:app_builder config=configs/serve.yaml serve.port=8000
+    serve run jobs.serve:app_builder config=configs/serve.yaml search.drafter=ngram
 
-(every argument but ``config`` is a ``key=value`` override).
+(every argument but ``config`` is a ``key=value`` override; there Serve's own HTTP options, not
+``serve.host`` / ``serve.port``, decide where it listens: 127.0.0.1:8000 by default).
 """
 
 from __future__ import annotations

@@ -90,9 +90,11 @@ def input_dataset(cfg: PipelineConfig, files: list[str]):
     return ds
 
 
-def _partitions(cfg: PipelineConfig) -> int:
-    """Hash partitions for the id joins: enough that each holds a bounded share of the ids."""
-    return max(2, min(64, len(committed_files(cfg)) // 32 + 1))
+def _accounting_actor(cfg: PipelineConfig):
+    from .idsets import accounting_actor
+
+    return accounting_actor(cfg.storage, generations_path(cfg),
+                            cfg.ray.max_task_retries if cfg.ray.max_task_retries >= 0 else 3)  # finite
 
 
 def _drop_ids(done: frozenset):
@@ -104,48 +106,44 @@ def _drop_ids(done: frozenset):
     return drop
 
 
-def _ids(ds) -> list[str]:
-    return [i for b in ds.iter_batches(batch_size=65536, batch_format="pyarrow") for i in b.column("id").to_pylist()]
-
-
 def without_committed(cfg: PipelineConfig, ds):
-    """``ds`` minus the rows whose id is already committed, and how many are. Up to ``ray.driver_ids``
-    committed ids, a filter holding them (fast); above, an anti-join in Ray Data, hash-partitioned
-    over the cluster, so the driver never holds a set that grows with the corpus."""
-    done = outputs_dataset(cfg, ["id"])
-    if done is None:
+    """``ds`` minus the rows whose id is already committed, and how many rows are committed. Ray tasks
+    read the committed ids into hash buckets; up to ``ray.driver_ids`` committed rows the driver then
+    ships them as one filter set (fast), above it the filter binary-searches the buckets in the object
+    store, so the driver never holds ids that grow with the corpus."""
+    import ray
+
+    files = committed_files(cfg)
+    if not files:
         return ds, 0
-    n = done.count()
+    owner = _accounting_actor(cfg)
+    n, buckets = ray.get(owner.committed.remote(files))
     if n <= cfg.ray.driver_ids:
-        return ds.map_batches(_drop_ids(frozenset(_ids(done))), batch_format="pyarrow"), n
-    return ds.join(done, join_type="left_anti", num_partitions=_partitions(cfg), on=("id",)), n
+        done = frozenset(i for t in ray.get(buckets) for i in t.column("id").to_pylist())
+        ray.kill(owner)
+        return ds.map_batches(_drop_ids(done), batch_format="pyarrow"), n
+    from .idsets import drop_committed
+
+    return ds.map_batches(drop_committed(buckets, owner), batch_format="pyarrow"), n
 
 
 def check_exactly_once(cfg: PipelineConfig, files: list[str]) -> int:
     """Every input id (within ``input.limit``) is committed. Returns how many ids are committed more
-    than once (0 by design: a retried batch rewrites its own file); raises if any is missing. Up to
-    ``ray.driver_ids`` committed ids, the input's ids stream past a set of them on the driver; above,
-    an anti-join and a group-by count in Ray Data."""
-    ins = input_dataset(cfg, files).select_columns(["id"])
-    outs = outputs_dataset(cfg, ["id"])
-    n_out = outs.count() if outs is not None else 0
-    if n_out <= cfg.ray.driver_ids:
-        committed = _ids(outs) if outs is not None else []
-        have = set(committed)
-        missing, some = 0, []
-        for b in ins.iter_batches(batch_size=65536, batch_format="pyarrow"):
-            for i in b.column("id").to_pylist():
-                if i not in have:
-                    missing += 1
-                    some += [i][: 3 - len(some)]
-        if missing:
-            raise RuntimeError(f"{missing} input id(s) missing from the output, e.g. {sorted(some)}")
-        return len(committed) - len(have)
-    missing_ds = ins.join(outs, join_type="left_anti", num_partitions=_partitions(cfg), on=("id",))
-    some = [r["id"] for r in missing_ds.take(3)]
-    if some:
-        raise RuntimeError(f"{missing_ds.count()} input id(s) missing from the output, e.g. {sorted(some)}")
-    return outs.groupby("id").count().filter(lambda r: r["count()"] > 1).count()
+    than once (0 by design: a retried batch rewrites its own file); raises if any is missing. Runs in
+    Ray tasks over hash buckets of the input's and the outputs' ids (one pass); the driver receives
+    three counts and up to 3 example ids."""
+    import ray
+
+    owner = _accounting_actor(cfg)
+    try:
+        missing, some, duplicated = ray.get(owner.check.remote(
+            committed_files(cfg), list(files),
+            (cfg.input.format, cfg.input.file_format, cfg.generation.max_tokens_limit), cfg.input.limit))
+    finally:
+        ray.kill(owner)
+    if missing:
+        raise RuntimeError(f"{missing} input id(s) missing from the output, e.g. {sorted(some)}")
+    return duplicated
 
 
 def generations_path(cfg: PipelineConfig) -> str:
