@@ -168,7 +168,7 @@ def main() -> int:
     for mode in args.modes:
         rss = [r["peak_rss_mb"] for r in results if r["mode"] == mode]
         if len(rss) >= 2:
-            growth.append(f"{mode}: {rss[-1] / rss[0] - 1:+.0%} from {args.rows[0]:,} to {args.rows[-1]:,} rows")
+            growth.append(f"{mode}: {rss[-1] / rss[0] - 1:+.1%} from {args.rows[0]:,} to {args.rows[-1]:,} rows")
     text = "\n".join(["# Driver memory of the id accounting", "",
                       f"`python benchmarks/id_accounting_bench.py --rows {' '.join(map(str, args.rows))}`, "
                       f"{datetime.now(timezone.utc):%Y-%m-%d}, {_cpu()} ({os.cpu_count()} cores), "

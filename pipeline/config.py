@@ -101,8 +101,8 @@ class RayConfig:
     max_task_retries: int = 3
     batch_timeout_s: Optional[float] = None  # a batch still running after this long kills its actor (null: no limit) ...
     batch_attempts: int = 2  # ... and after this many timed-out attempts its rows are written as `timeout` error rows
-    driver_ids: int = 100000  # id accounting: up to this many committed ids the driver holds them in a set (fast);
-    # above, the resume filter and the exactly-once check are Ray Data anti-joins (driver memory bounded)
+    driver_ids: int = 100000  # resume filter: up to this many committed ids the driver ships them as one set (fast);
+    # above, the filter searches hash buckets in Ray's object store (driver memory bounded; pipeline.idsets)
 
 
 @dataclass

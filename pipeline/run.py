@@ -1,18 +1,20 @@
 """The driver: corpus -> Ray Data -> generation actors -> Parquet, metrics, skip sets.
 
 1. list the input files; read them in Ray tasks (each builds its own filesystem) into rows;
-2. drop ids already committed under ``<output>/generations/`` (resume): an anti-join in Ray Data,
-   hash-partitioned over the cluster;
+2. drop ids already committed under ``<output>/generations/`` (resume): Ray tasks build hash buckets
+   of the committed ids, and the input is filtered against them (``pipeline.idsets``);
 3. ``map_batches(GenerationActor)`` on a fixed actor pool; each batch is written by its actor as
    one Parquet file; the driver logs one line per finished batch;
-4. check that every input id is committed (another anti-join) and count ids committed twice,
+4. check that every input id is committed and count ids committed twice (one pass over hash buckets
+   of the input's and the outputs' ids, in Ray tasks),
    stream the committed generations through running sums into ``metrics.parquet``, write
    ``skip_sets.json`` and ``actors.json``, merge searched sets into the skip-set registry, and
    return the metrics.
 
 The driver never holds the corpus's outputs, and holds ids only up to ``ray.driver_ids`` of them
-(fast on small runs); above that the id accounting runs as Ray Data joins, so its memory does not
-grow with the corpus (``benchmarks/id_accounting_bench.py``).
+(the resume filter's set on small runs); above that it sees only counts, example ids and one object
+reference per hash bucket, so its memory does not grow with the corpus
+(``benchmarks/id_accounting_bench.py``).
 """
 
 from __future__ import annotations

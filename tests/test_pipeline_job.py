@@ -100,7 +100,7 @@ def test_resume_after_a_killed_run(ray_local, tiny_dir, tmp_path):
     files[0].unlink()
     (out / "generations" / "batch-x.parquet.tmp-dead").write_bytes(b"PAR1 partial")
     mtimes = {f: f.stat().st_mtime_ns for f in files[1:]}
-    # ray.driver_ids=0: the resume filter and the exactly-once check run as Ray Data anti-joins (big corpora)
+    # ray.driver_ids=0: the resume filter and the exactly-once check run over hash buckets in Ray tasks (big corpora)
     _run(ray_local, job_overrides(tiny_dir, str(corpus), str(out), **{"ray.driver_ids": 0}))
     rows = _generations(out)
     assert sorted(r["id"] for r in rows) == sorted(ids)
