@@ -55,10 +55,19 @@ def bundled_gguf_path() -> Path:
     return path
 
 
+_SAMPLE = 4 << 20
+
+
 def _gguf_cache_dir(gguf: Path, cache_dir: Path) -> Path:
-    st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:12]
-    return cache_dir / f"{gguf.stem}-{key}"
+    """Keyed by the file's content (its size, first and last 4 MiB; milliseconds to read), not its path:
+    every checkout or virtualenv holding the same GGUF shares one converted copy."""
+    size = gguf.stat().st_size
+    h = hashlib.sha256(f"{gguf.name}|{size}|".encode())
+    with open(gguf, "rb") as f:
+        h.update(f.read(_SAMPLE))
+        f.seek(max(0, size - _SAMPLE))
+        h.update(f.read(_SAMPLE))
+    return cache_dir / f"{gguf.stem}-{h.hexdigest()[:12]}"
 
 
 def convert_gguf(gguf: Path, cache_dir: Path | None = None) -> Path:

@@ -10,6 +10,8 @@ sampled requests share a lane per (temperature, top_p, top_k); a request with a 
 of its own, one row wide, so its tokens depend on its seed alone (given the same drafts). The thread
 runs the lanes that have work a round at a time (``stream(pulse=True)``: one prefill chunk and/or one
 decode step), takes in new requests between rounds, and closes a lane that stayed idle ``idle_s``.
+At most ``max_lanes`` lanes live at once (each may hold a KV cache of ``max_batch`` rows within
+``kv_budget_bytes``): a request for another setting waits until a lane is idle, which then closes.
 
 A request's tokens reach ``on_tokens`` as it commits them; returning a finish reason ends it there
 (a stop string, a client that went away). ``cancel`` ends it at its next step, or before it starts.
@@ -47,6 +49,7 @@ class Ticket:
     on_done: Callable[[RowResult], None]
     cancelled: bool = False
     submitted: float = field(default_factory=time.perf_counter)
+    lane_key: tuple | None = None
     _done: bool = False
 
     def _tokens(self, toks: list[int]) -> str | None:
@@ -119,9 +122,13 @@ class Scheduler:
 
     def __init__(self, engine: Engine, drafter_for: Callable[[str], Drafter], max_batch: int,
                  prefill_tokens: int = 512, kv_budget_bytes: int | None = None,
-                 stop_token_ids: tuple[int, ...] | None = None, idle_s: float = 60.0):
+                 stop_token_ids: tuple[int, ...] | None = None, idle_s: float = 60.0, max_lanes: int = 4):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+        if max_lanes < 1:
+            raise ValueError(f"max_lanes must be >= 1, got {max_lanes!r}")
+        self.max_lanes = max_lanes
+        self._waiting: deque[Ticket] = deque()  # tickets for a setting without a lane, while max_lanes are busy
         self.engine = engine
         self.drafter_for = drafter_for
         self.max_batch = max_batch
@@ -167,7 +174,12 @@ class Scheduler:
 
     def in_flight(self) -> int:
         """Requests submitted and not finished (read from another thread: a snapshot)."""
-        return len(self._incoming) + sum(len(l.pending) + len(l.inflight) for l in list(self._lanes.values()))
+        return (len(self._incoming) + len(self._waiting)
+                + sum(len(l.pending) + len(l.inflight) for l in list(self._lanes.values())))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
     # -- the engine's thread ----------------------------------------------------------------------
     def _key(self, t: Ticket) -> tuple:
@@ -178,19 +190,30 @@ class Scheduler:
             return ("seeded", next(self._unique))
         return ("sampled", sp.temperature, sp.top_p, sp.top_k)
 
-    def _place(self, t: Ticket) -> None:
+    def _place(self, t: Ticket) -> bool:
+        """Put ``t`` in its lane (made if need be); False if it must wait for a lane."""
+        if t.cancelled:
+            t.finish(_aborted())
+            return True
         if t.group not in self._groups:
             self.drafter_for(t.group)
             self._groups.add(t.group)
-        key = self._key(t)
+        key = t.lane_key if t.lane_key is not None else self._key(t)
+        t.lane_key = key
         lane = self._lanes.get(key)
         if lane is None:
+            if len(self._lanes) >= self.max_lanes:
+                idle = [k for k, l in self._lanes.items() if not l.busy]
+                if not idle:
+                    return False
+                self._lanes.pop(min(idle, key=lambda k: self._lanes[k].idle_since)).stream.close()
             seeded = key[0] == "seeded"
             lane = _Lane(self.engine, t.sampling, t.seed, self.drafter_for(t.group),
                          1 if seeded else self.max_batch, self.prefill_tokens, self.kv_budget_bytes,
                          self.stop_token_ids)
             self._lanes[key] = lane
         lane.pending.append(t)
+        return True
 
     def _reap(self, everything: bool = False) -> None:
         now = time.monotonic()
@@ -203,17 +226,41 @@ class Scheduler:
                 del self._lanes[key]
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # never leave a request waiting on a dead thread
+            log.exception("the scheduler's thread failed")
+            with self._cv:
+                self._closed = True
+            self._fail_all(f"the scheduler failed: {type(e).__name__}: {e}")
+            raise
+
+    def _fail_all(self, message: str) -> None:
+        with self._cv:
+            tickets, self._incoming = self._incoming, []
+        tickets += list(self._waiting)
+        self._waiting.clear()
+        for lane in self._lanes.values():
+            tickets += list(lane.inflight.values()) + list(lane.pending)
+        self._lanes.clear()
+        for t in tickets:
+            t.finish(RowResult([], RowStats(finish_reason="error"), error=message))
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._incoming or self._closed or any(l.busy for l in self._lanes.values())):
+                while not (self._incoming or self._waiting or self._closed
+                           or any(l.busy for l in self._lanes.values())):
                     self._cv.wait(timeout=min(self.idle_s, 5.0))
                     self._reap()
                 if self._closed:
                     break
                 incoming, self._incoming = self._incoming, []
-            for t in incoming:
+            queue, self._waiting = list(self._waiting) + incoming, deque()
+            for t in queue:
                 try:
-                    self._place(t)
+                    if not self._place(t):
+                        self._waiting.append(t)
                 except Exception as e:  # e.g. a group's policy failed to load
                     log.exception("request refused")
                     t.finish(RowResult([], RowStats(finish_reason="error"), error=f"{type(e).__name__}: {e}"))
@@ -229,6 +276,7 @@ class Scheduler:
             self._reap()
         with self._cv:
             incoming, self._incoming = self._incoming, []
-        for t in incoming:
+        for t in incoming + list(self._waiting):
             t.finish(_aborted())
+        self._waiting.clear()
         self._reap(everything=True)

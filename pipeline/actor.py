@@ -97,7 +97,11 @@ def resolve_device(device: str) -> str:
 
 
 class GenerationActor:
-    def __init__(self, cfg: PipelineConfig, coordinator: str | None = None, namespace: str | None = None):
+    def __init__(self, cfg: PipelineConfig, coordinator: str | None = None, namespace: str | None = None,
+                 row_tokens: int | None = None, lanes: int | None = None):
+        """``row_tokens``: KV positions a row may need (default: ``generation.max_tokens`` + 1024);
+        ``lanes``: a server's decode lanes, which share the KV budget (always set then: half of free
+        memory unless ``engine.kv_cache_gb``), each getting an equal part."""
         import torch
 
         t_init = time.perf_counter()
@@ -117,10 +121,16 @@ class GenerationActor:
         self.engine = Engine(self.model, cfg.model.kernels)
         e = cfg.engine
         self.kv_budget = None if e.kv_cache_gb is None else int(e.kv_cache_gb * 2**30)
+        if lanes:
+            from conflayers.width import default_kv_budget
+
+            total = self.kv_budget if self.kv_budget is not None else default_kv_budget(self.engine.device)
+            self.kv_budget = total // lanes
+        row_tokens = row_tokens or cfg.generation.max_tokens + 1024
         if e.max_batch == "auto":
             from conflayers.width import choose_width
 
-            choice = choose_width(self.engine, self.kv_budget, row_tokens=cfg.generation.max_tokens + 1024)
+            choice = choose_width(self.engine, self.kv_budget, row_tokens=row_tokens)
             self.width = choice.width
             log.warning("actor width %d (auto; measured plain decode tok/s by width: %s)", self.width,
                         {w: round(v, 1) for w, v in choice.tokens_per_s.items()})

@@ -14,19 +14,22 @@ and vLLM's extra ``top_k``. Fields that would change the result and are not supp
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 
 # fields accepted but without effect on the tokens (or only checked)
 _INERT = {"user", "stream_options", "metadata", "service_tier", "store", "parallel_tool_calls"}
-# fields that change results and are not supported: refused by name unless given their neutral value
+# fields that change results and are not supported: refused by name unless given a neutral value
 _UNSUPPORTED = {
-    "n": 1, "best_of": 1, "logprobs": None, "top_logprobs": None, "echo": False, "suffix": None, "tools": None,
-    "tool_choice": None, "functions": None, "function_call": None, "response_format": None,
-    "logit_bias": None, "presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1,
-    "min_tokens": 0, "audio": None, "modalities": None, "prediction": None,
+    "n": (1,), "best_of": (1,), "logprobs": (False, 0), "top_logprobs": (0,), "echo": (False,), "suffix": ("",),
+    "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+    "response_format": ({"type": "text"},), "logit_bias": ({},), "presence_penalty": (0,),
+    "frequency_penalty": (0,), "repetition_penalty": (1,), "min_tokens": (0,), "audio": (), "modalities": (["text"],),
+    "prediction": (),
 }
+GREEDY_BELOW = 1e-5  # a temperature under this is greedy decoding (as vLLM does): logits / 1e-40 overflow
 _KNOWN = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "seed", "stop", "stream"} | _INERT | set(_UNSUPPORTED)
 
@@ -69,8 +72,11 @@ def _number(body: dict, key: str, default, lo=None, hi=None, integer=False, lo_o
     v = body.get(key, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
-        raise ApiError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {v!r}", key)
+    kind = "an integer" if integer else "a number"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (isinstance(v, float) and not math.isfinite(v)):
+        raise ApiError(400, f"'{key}' must be {kind}, got {str(v)[:40]}", key)
+    if integer and isinstance(v, float) and not v.is_integer():
+        raise ApiError(400, f"'{key}' must be {kind}, got {v!r}", key)
     if (lo is not None and (v <= lo if lo_open else v < lo)) or (hi is not None and v > hi):
         if hi is not None:
             rng = f"in {'(' if lo_open else '['}{lo}, {hi}]"
@@ -87,8 +93,11 @@ def parse_request(body, chat: bool, served_model: str, limits: Limits) -> GenReq
     if unknown:
         raise ApiError(400, f"unknown field(s): {', '.join(unknown)}", unknown[0])
     for key, neutral in _UNSUPPORTED.items():
-        if key in body and body[key] is not None and body[key] != neutral:
-            raise ApiError(400, f"'{key}' is not supported by this server (only {neutral!r}); it would change the "
+        given = body.get(key)
+        if given is not None and not any(given == v and isinstance(given, bool) == isinstance(v, bool)
+                                         for v in neutral):
+            only = f" (only {' or '.join(map(repr, neutral))})" if neutral else ""
+            raise ApiError(400, f"'{key}' is not supported by this server{only}; it would change the "
                                 f"result, so the request is refused rather than answered without it", key)
     model = body.get("model")
     if not isinstance(model, str) or not model:
@@ -103,6 +112,13 @@ def parse_request(body, chat: bool, served_model: str, limits: Limits) -> GenReq
         if not isinstance(prompt, list) or not prompt:
             raise ApiError(400, "'messages' must be a non-empty list of {role, content} objects", "messages")
         for i, m in enumerate(prompt):
+            if isinstance(m, dict) and isinstance(m.get("content"), list):  # content parts: text only
+                parts = m["content"]
+                if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                           for p in parts):
+                    raise ApiError(400, f"messages[{i}].content: only text parts ({{type: text, text}}) are "
+                                        f"supported", "messages")
+                m = prompt[i] = {**m, "content": "\n".join(p["text"] for p in parts)}
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise ApiError(400, f"messages[{i}] must be an object with string 'role' and 'content'", "messages")
             if m["role"] not in ("system", "user", "assistant", "developer"):
@@ -114,6 +130,8 @@ def parse_request(body, chat: bool, served_model: str, limits: Limits) -> GenReq
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
             prompt = prompt[0]
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+            raise ApiError(400, "'prompt' must be a string (token-id prompts are not supported)", "prompt")
         if isinstance(prompt, list):
             raise ApiError(400, "'prompt' must be one string (a batch of prompts in one request is not supported: "
                                 "send one request per prompt)", "prompt")
@@ -143,10 +161,11 @@ def parse_request(body, chat: bool, served_model: str, limits: Limits) -> GenReq
                        "metadata")
     seed = body.get("seed")
     if seed is not None:
-        seed = _number(body, "seed", None, 0, 2**63 - 1, integer=True)
+        seed = _number(body, "seed", None, integer=True) % 2**63
+    temperature = _number(body, "temperature", 1.0, 0, 2)
     return GenRequest(
         chat=chat, model=model, prompt=prompt, max_tokens=max_tokens,
-        temperature=_number(body, "temperature", 1.0, 0, 2),
+        temperature=0.0 if temperature < GREEDY_BELOW else temperature,
         top_p=_number(body, "top_p", 1.0, 0, 1, lo_open=True),
         top_k=max(0, _number(body, "top_k", 0, -1, None, integer=True)),  # vLLM: -1 (or 0) = off
         seed=seed, stop=stop, stream=stream, include_usage=bool(opts.get("include_usage", False)),
@@ -154,9 +173,11 @@ def parse_request(body, chat: bool, served_model: str, limits: Limits) -> GenReq
 
 
 class TextStream:
-    """Committed tokens -> text deltas. Text is decoded from all tokens so far (multi-token characters
-    come out whole); a tail that could begin a stop string is held back until it cannot; a stop string
-    ends the text before it. ``tokens`` counts the tokens up to the one that completed a stop string."""
+    """Committed tokens -> text deltas, decoded incrementally (each token decodes a short window, as
+    vLLM's detokenizer does: the text of ``ids[prefix:]`` minus that of ``ids[prefix:read]``, so
+    spaces that depend on the previous token and characters split over tokens come out right). A tail
+    that could begin a stop string is held back until it cannot; a stop string ends the text before
+    it. ``tokens`` counts the tokens up to the one that completed a stop string."""
 
     def __init__(self, tokenizer, stop: list[str]):
         self.tokenizer, self.stop = tokenizer, stop
@@ -165,10 +186,19 @@ class TextStream:
         self.sent = 0  # characters handed out
         self.stopped = False
         self._hold = max(map(len, stop), default=1) - 1
+        self._prefix = self._read = 0
 
     @property
     def tokens(self) -> int:
         return len(self.ids)
+
+    def _decode_next(self) -> None:
+        dec = self.tokenizer.decode
+        before = dec(self.ids[self._prefix : self._read], skip_special_tokens=True)
+        after = dec(self.ids[self._prefix :], skip_special_tokens=True)
+        if len(after) > len(before) and not after.endswith("\ufffd"):  # else: a character still incomplete
+            self.text += after[len(before) :]
+            self._prefix, self._read = self._read, len(self.ids)
 
     def add(self, toks: list[int]) -> str:
         """The new text these tokens make available (sets ``stopped`` when a stop string appears)."""
@@ -176,18 +206,14 @@ class TextStream:
             if self.stopped:
                 break
             self.ids.append(int(t))
-            self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            self._decode_next()
             if self.stop:
                 window = max(0, self.sent - self._hold)
                 hits = [i for i in (self.text.find(s, window) for s in self.stop) if i >= 0]
                 if hits:
                     self.text = self.text[: min(hits)]
                     self.stopped = True
-        end = len(self.text)
-        if not self.stopped:
-            if self.text.endswith("\ufffd"):  # an incomplete character: wait for its next token
-                end = len(self.text.rstrip("\ufffd"))
-            end = max(self.sent, end - self._hold) if self.stop else end
+        end = len(self.text) if self.stopped or not self.stop else max(self.sent, len(self.text) - self._hold)
         out, self.sent = self.text[self.sent : end], max(self.sent, end)
         return out
 

@@ -15,6 +15,7 @@ Serve's own options. Protocol details: ``pipeline.openai_api``.
 """
 
 import asyncio
+import copy
 import hmac
 import json
 import logging
@@ -47,7 +48,9 @@ class ServeSettings:
     max_ongoing_requests: int = 64  # per replica: requests over this wait in Serve's queue
     num_cpus: float = 1.0  # per replica (also its torch threads on CPU unless engine.threads is set)
     num_gpus: Optional[float] = None  # per replica; None: 1 where the cluster has GPUs, else 0
-    max_prompt_tokens: Optional[int] = None  # None: the model's context minus one
+    max_prompt_tokens: int = 1024  # longer prompts get 400 (at most the model's context minus one); with
+    # generation.max_tokens_limit it sizes each row's KV share (the width `auto` picks fits that many rows)
+    max_lanes: int = 2  # decode lanes (sampling settings) alive at once; they share the KV budget equally
     max_stop: int = 4  # entries of `stop`
     max_body_bytes: int = 1_000_000  # request bodies over this are refused (413)
     idle_lane_s: float = 60.0  # a sampling setting's decode lane closes (frees its KV cache) after this idle
@@ -73,8 +76,8 @@ def validate_serve(cfg: ServeConfig) -> ServeConfig:
     check(s.max_ongoing_requests >= 1, "serve.max_ongoing_requests", f"must be >= 1, got {s.max_ongoing_requests}")
     check(s.num_cpus > 0, "serve.num_cpus", f"must be > 0, got {s.num_cpus}")
     check(s.num_gpus is None or s.num_gpus >= 0, "serve.num_gpus", f"must be >= 0 or null, got {s.num_gpus}")
-    check(s.max_prompt_tokens is None or s.max_prompt_tokens >= 1, "serve.max_prompt_tokens",
-          f"must be >= 1 or null, got {s.max_prompt_tokens}")
+    check(s.max_prompt_tokens >= 1, "serve.max_prompt_tokens", f"must be >= 1, got {s.max_prompt_tokens}")
+    check(s.max_lanes >= 1, "serve.max_lanes", f"must be >= 1, got {s.max_lanes}")
     check(s.max_stop >= 0, "serve.max_stop", f"must be >= 0, got {s.max_stop}")
     check(s.max_body_bytes >= 1024, "serve.max_body_bytes", f"must be >= 1024, got {s.max_body_bytes}")
     check(s.idle_lane_s > 0, "serve.idle_lane_s", f"must be > 0, got {s.idle_lane_s}")
@@ -144,6 +147,15 @@ class _Metrics:
         return tot
 
 
+def _failure(result) -> ApiError:
+    """A request the engine refused (over the KV budget: the client's to fix), failed, or dropped (shutdown)."""
+    if result.finish_reason == "abort":
+        return ApiError(503, "the server is shutting down: retry", kind="server_error")
+    if "KV" in (result.error or ""):
+        return ApiError(400, f"the request does not fit this replica's KV cache: {result.error}", "max_tokens")
+    return ApiError(500, f"generation failed: {result.error}", kind="server_error")
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -166,18 +178,27 @@ class ConfLayersServer:
         if cfg.engine.threads is None:
             cfg.engine.threads = max(1, int(cfg.serve.num_cpus))
         self.cfg = cfg
-        self.host = GenerationActor(cfg)  # the model as an offline actor holds it (no coordinator)
+        s, g = cfg.serve, cfg.generation
+        # the model as an offline actor holds it (no coordinator); the KV budget is always set here, shared
+        # by the lanes, and a row may need the longest prompt plus the most new tokens
+        self.host = GenerationActor(cfg, row_tokens=s.max_prompt_tokens + g.max_tokens_limit, lanes=s.max_lanes)
         self.tokenizer = self.host.tokenizer
+        self.detokenizer = copy.deepcopy(self.tokenizer)  # the scheduler's thread decodes with its own copy
         self.model_name = served_model_name(cfg)
         context = self.host.engine.context
-        s, g = cfg.serve, cfg.generation
-        self.limits = Limits(max_prompt_tokens=min(s.max_prompt_tokens or context - 1, context - 1),
+        self.limits = Limits(max_prompt_tokens=min(s.max_prompt_tokens, context - 1),
                              max_tokens=g.max_tokens_limit, default_max_tokens=g.max_tokens, max_stop=s.max_stop)
         self._router = None
         self.metrics = _Metrics(self.model_name)
         self.scheduler = Scheduler(self.host.engine, self._drafter_for, self.host.width,
-                                   cfg.engine.prefill_tokens, self.host.kv_budget, idle_s=s.idle_lane_s)
+                                   cfg.engine.prefill_tokens, self.host.kv_budget, idle_s=s.idle_lane_s,
+                                   max_lanes=s.max_lanes)
         log.warning("serving %s: width %d, drafter %s", self.model_name, self.host.width, cfg.search.drafter)
+
+    def check_health(self):
+        """Serve's health check: a replica whose decode thread died is restarted."""
+        if not self.scheduler.alive:
+            raise RuntimeError("the decode thread has stopped")
 
     def _drafter_for(self, group: str):
         """The lane's drafter; every group's layer-skip policy joins the shared auto controller (or
@@ -202,10 +223,11 @@ class ConfLayersServer:
         if key is None:
             return
         given = request.headers.get("authorization", "")
-        if not given.startswith("Bearer "):
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() != "bearer" or not token:
             raise ApiError(401, "missing API key: send the header 'Authorization: Bearer <key>'",
                            kind="authentication_error")
-        if not hmac.compare_digest(given[len("Bearer "):].encode(), key.encode()):
+        if not hmac.compare_digest(token.strip().encode(), key.encode()):
             raise ApiError(401, "invalid API key", kind="authentication_error")
 
     async def _body(self, request: Request):
@@ -220,7 +242,7 @@ class ConfLayersServer:
                 raise ApiError(413, f"the request body is over {cap} bytes; this server takes at most {cap}")
         try:
             return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, over-long integers
             raise ApiError(400, f"the request body is not valid JSON: {e}") from None
 
     def _encode(self, req) -> list[int]:
@@ -241,6 +263,8 @@ class ConfLayersServer:
     # -- routes ----------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self):
+        if not self.scheduler.alive:
+            return JSONResponse({"status": "failed", "detail": "the decode thread has stopped"}, status_code=503)
         return {"status": "ok", "model": self.model_name, "width": self.host.width,
                 "drafter": self.cfg.search.drafter, "lanes": self.scheduler.lanes(),
                 "in_flight": self.scheduler.in_flight(),
@@ -272,12 +296,18 @@ class ConfLayersServer:
             self._auth(request)
             req = parse_request(await self._body(request), chat, self.model_name, self.limits)
             ids = self._encode(req)
+            sampling = SamplingParams(req.temperature, req.top_p, req.top_k)
         except ApiError as e:
             return error(e)
+        except ValueError as e:
+            return error(ApiError(400, str(e)))
+        if not self.scheduler.alive:
+            return error(ApiError(503, "the replica's decode thread has stopped: see its log", kind="server_error"))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        text = TextStream(self.tokenizer, req.stop)
+        text = TextStream(self.detokenizer, req.stop)
         first: list[float] = []
+        gone: list[bool] = []  # set when the handler has returned or was cancelled (the client went away)
 
         def on_tokens(toks):  # the scheduler's thread
             if not first:
@@ -288,12 +318,11 @@ class ConfLayersServer:
             return "stop" if text.stopped else None
 
         def on_done(result):  # the scheduler's thread
-            if result.finish_reason == "abort":  # cancelled: the handler is gone
+            if gone:
                 loop.call_soon_threadsafe(self.metrics.aborted, result)
             else:
                 loop.call_soon_threadsafe(events.put_nowait, result)
 
-        sampling = SamplingParams(req.temperature, req.top_p, req.top_k)
         ticket = self.scheduler.submit(ids, req.max_tokens, sampling, req.seed, req.dataset or self.cfg.serve.dataset,
                                        on_tokens, on_done)
         rid, created = new_id(chat), now()
@@ -312,11 +341,12 @@ class ConfLayersServer:
                     if isinstance(item, str):
                         parts.append(item)
                         continue
-                    if item.error:
-                        return error(ApiError(500, f"generation failed: {item.error}", kind="server_error"))
+                    if item.error or item.finish_reason == "abort":
+                        return error(_failure(item))
                     finish, use = finished(item)
                     return response(req, rid, created, "".join(parts) + text.flush(), finish, use)
             finally:
+                gone.append(True)
                 self.scheduler.cancel(ticket)  # the client went away: free the slot (no-op once done)
 
         async def sse():
@@ -328,8 +358,8 @@ class ConfLayersServer:
                         yield _sse(chunk(req, rid, created, item, None, first=opening))
                         opening = False
                         continue
-                    if item.error:
-                        yield _sse(ApiError(500, f"generation failed: {item.error}", kind="server_error").body())
+                    if item.error or item.finish_reason == "abort":
+                        yield _sse(_failure(item).body())
                     else:
                         finish, use = finished(item)
                         yield _sse(chunk(req, rid, created, text.flush(), finish, first=opening))
@@ -338,6 +368,7 @@ class ConfLayersServer:
                     yield "data: [DONE]\n\n"
                     return
             finally:
+                gone.append(True)
                 self.scheduler.cancel(ticket)
 
         return StreamingResponse(sse(), media_type="text/event-stream")

@@ -137,3 +137,17 @@ def test_a_failing_lane_fails_its_requests_and_the_scheduler_goes_on(engine):
 def test_bad_width_is_refused(engine):
     with pytest.raises(ValueError, match="max_batch"):
         Scheduler(engine, lambda g: NoDrafter(), max_batch=0)
+
+
+def test_with_one_lane_other_settings_wait_for_it_and_all_finish(engine):
+    sched = Scheduler(engine, lambda g: NoDrafter(), max_batch=2, max_lanes=1)
+    hot, warm = SamplingParams(temperature=1.0), SamplingParams(temperature=0.5)
+    runs = [(PROMPTS[0], 8, SamplingParams()), (PROMPTS[1], 6, hot), (PROMPTS[2], 7, warm), (PROMPTS[3], 5, SamplingParams())]
+    got = [Collect() for _ in runs]
+    for (p, b, sp), c in zip(runs, got):
+        sched.submit(p, b, sp, on_done=c.on_done)
+    assert [len(wait(c).token_ids) for c in got] == [8, 6, 7, 5]
+    assert got[0].result.token_ids == offline(engine, PROMPTS[0], 8)
+    assert got[3].result.token_ids == offline(engine, PROMPTS[3], 5)
+    assert sched.lanes() <= 1
+    sched.close()

@@ -169,6 +169,29 @@ def test_a_seed_reproduces_a_sampled_completion(client):
     assert client.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
 
 
+@pytest.mark.parametrize("raw,message", [
+    (b'{"model": "tiny", "prompt": "hi", "temperature": NaN}', "'temperature' must be a number"),
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 1' + b"0" * 400 + b"}", "at most 1000"),
+    (b'{"model": "tiny", "prompt": "hi", "max_tokens": 1' + b"0" * 5000 + b"}", "not valid JSON"),
+    (b'{"model": "tiny", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "not valid JSON"),
+])
+def test_non_finite_huge_or_deeply_nested_json_gets_a_400(served, raw, message):
+    code, out = post(served[0] + "/v1/completions", None, raw=raw)
+    assert code == 400 and message in out["error"]["message"], out
+
+
+def test_neutral_values_text_parts_and_tiny_temperatures_are_accepted(served, offline):
+    ids, toks, text = offline(PROMPTS[6], 6, chat=True)
+    body = {"model": "tiny", "max_tokens": 6, "temperature": 1e-9, "logprobs": False, "tools": [], "n": 1,
+            "response_format": {"type": "text"},
+            "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPTS[6]}]}]}
+    code, out = post(served[0] + "/v1/chat/completions", body, key=KEY)
+    assert code == 200 and out["choices"][0]["message"]["content"] == text  # 1e-9: greedy
+    req = urllib.request.Request(served[0] + "/v1/models", headers={"Authorization": f"bearer {KEY}"})
+    with urllib.request.urlopen(req, timeout=30) as r:  # the scheme is case-insensitive
+        assert json.loads(r.read())["data"][0]["id"] == "tiny"
+
+
 @pytest.mark.parametrize("body,status,message", [
     (None, 400, "not valid JSON"),
     ({"model": "tiny"}, 400, "'messages' is required"),

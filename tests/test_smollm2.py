@@ -49,3 +49,18 @@ def test_speculative_greedy_equals_plain_on_chat_prompts(smollm2, batch):
             assert s.token_ids == p.token_ids
             drafted += s.stats.drafted
     assert drafted > 0
+
+
+def test_the_gguf_cache_is_keyed_by_content_not_path(tmp_path):
+    """Every clone's .venv holds its own copy of the bundled GGUF: they must share one converted cache."""
+    from conflayers.models import _gguf_cache_dir
+
+    body = bytes(range(256)) * 40000  # ~10 MB: head and tail samples differ from the middle
+    a, b = tmp_path / "one" / "m.gguf", tmp_path / "two" / "m.gguf"
+    for p in (a, b):
+        p.parent.mkdir()
+        p.write_bytes(body)
+    cache = tmp_path / "cache"
+    assert _gguf_cache_dir(a, cache) == _gguf_cache_dir(b, cache)
+    b.write_bytes(body[:-1] + b"\x00")  # one byte changed at the end
+    assert _gguf_cache_dir(a, cache) != _gguf_cache_dir(b, cache)
