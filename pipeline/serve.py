@@ -126,7 +126,8 @@ class _Metrics:
             self.generation.inc(completion_tokens, t)
         if stats.drafted:
             self.drafted.inc(stats.drafted, t)
-            self.accepted.inc(stats.accepted, t) if stats.accepted else None
+        if stats.accepted:
+            self.accepted.inc(stats.accepted, t)
         self.requests.inc(1, {**t, "finished_reason": finish})
         tot = self.totals
         tot["requests"] += 1
@@ -387,7 +388,8 @@ def build_app(cfg: ServeConfig):
     }
     if s.autoscaling_config is not None:
         options["autoscaling_config"] = dict(s.autoscaling_config)
-        options.pop("num_replicas") if s.num_replicas == 1 else None
+        if s.num_replicas == 1:  # the default: let the autoscaling config decide
+            del options["num_replicas"]
     return ConfLayersServer.options(**options).bind(cfg)
 
 
