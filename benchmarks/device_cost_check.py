@@ -25,7 +25,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conflayers import Engine, GenerationConfig, Request  # noqa: E402
-from conflayers.costs import DEFAULT_QS, calibrate  # noqa: E402
+from conflayers.calibrate import calibrate  # noqa: E402
+from conflayers.costs import DEFAULT_QS  # noqa: E402
 from conflayers.forecast import stream_seconds  # noqa: E402
 from conflayers.width import device_name  # noqa: E402
 

@@ -104,7 +104,7 @@ def main():
     from jobs.generate import load_config
     from jobs.serve import start
     from pipeline.actor import GenerationActor
-    from pipeline.serve import ServeConfig, served_model_name, validate_serve
+    from pipeline.serve.app import ServeConfig, served_model_name, validate_serve
     from conflayers.models import encode_prompts
 
     cfg = load_config(None, [f"serve.port={args.port}", f"engine.threads={args.threads}",

@@ -4,7 +4,7 @@ Times a forward of ``q`` new tokens at each batch width ``w`` (and a half-layer 
 synthetic cache, prints the table (ms, cost relative to a plain step, tokens/s), writes a heatmap
 PNG of the verify cost ``S(w, q) / S(w, 1)`` with the acceptance a chain draft of ``q - 1`` tokens
 needs to break even, and caches the surface where ``drafter: auto`` finds it
-(``conflayers.costs.load_or_calibrate``).
+(``load_or_calibrate``).
 
     python -m conflayers.calibrate --out docs/benchmarks/costs/heatmap.png
 """
@@ -12,11 +12,142 @@ needs to break even, and caches the surface where ``drafter: auto`` finds it
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+import time
+from pathlib import Path
 
-from .costs import DEFAULT_QS, DEFAULT_WIDTHS, CostSurface, expected_tokens, load_or_calibrate
+import torch
+
+from .costs import DEFAULT_QS, DEFAULT_WIDTHS, WIDE, CostSurface, expected_tokens, surface_key, timed_qs
+from .forecast import stream_seconds
 from .kernels import KERNELS
+from .kv import KVState
+from .layers import skip_layers
 from .models import BUNDLED, load_model
+from .width import _read_cache, _write_cache, default_cache_file
+
+
+def _time_cells(kv: KVState, cells: list[tuple[str, int]], model, half, reps: int, cuda: bool) -> dict:
+    """Min seconds per cell (``("full"|"half", q)``) over ``reps`` rounds after a warm-up round; the cells
+    are interleaved in a rotated order, so a slow spell of a shared machine hits them all alike."""
+    times: dict = {c: [] for c in cells}
+    for rep in range(reps + 1):
+        shift = rep % len(cells)
+        for cell in cells[shift:] + cells[:shift]:
+            kind, q = cell
+            tokens = torch.ones(kv.n, q, dtype=torch.long, device=kv.device)
+            with skip_layers(model, half if kind == "half" else ()):
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                kv.forward(tokens)
+                if cuda:
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+            kv.rollback()
+            if rep:
+                times[cell].append(dt)
+    return {c: min(t) for c, t in times.items()}  # other load on a shared machine only adds time
+
+
+@torch.inference_mode()
+def calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256, reps: int = 3) -> CostSurface:
+    """Measure the surface on ``engine``'s device (a synthetic cache: the cost does not depend on what it holds)."""
+    widths, qs = sorted({int(w) for w in widths}), sorted({int(q) for q in qs} | {1})
+    if not widths or widths[0] < 1 or qs[0] < 1:
+        raise ValueError(f"widths and qs must be integers >= 1, got {widths} and {qs}")
+    cuda = engine.device.type == "cuda"
+    L = engine.n_layers
+    half = frozenset(range(1, L, 2))  # every other layer: a typical ConfLayers skip ratio
+    table, fixed = {}, {}
+    for w in widths:
+        kv = KVState(engine.model, slots=w, columns=context + max(qs) + 8)
+        zeros = torch.zeros(w, dtype=torch.long, device=engine.device)
+        kv.forward(torch.ones(w, 1, dtype=torch.long, device=engine.device), rows=(0, w), offsets=zeros)
+        kv.lengths[:] = context
+        kv.n = w
+        cells = [("full", q) for q in timed_qs(w, qs)] + ([("half", 1)] if half else [])
+        t = _time_cells(kv, cells, engine.model, half, reps if w < WIDE else min(reps, 2), cuda)
+        table[w] = {q: t[("full", q)] for q in timed_qs(w, qs)}
+        if half:
+            run = (L - len(half)) / L  # share of the layers the half pass runs
+            # t_half = t_full * (f + (1 - f) * run)  =>  f = (t_half / t_full - run) / (1 - run)
+            fixed[w] = min(1.0, max(0.0, (t[("half", 1)] / table[w][1] - run) / (1 - run)))
+    # prefill forward = fixed + per token x tokens, from a small and a large one
+    small, large = _time_prefill(engine, reps, cuda, 1, 16), _time_prefill(engine, reps, cuda, 4, 128)
+    per_token = max(1e-12, (large - small) / (4 * 128 - 16))
+    s = CostSurface(table, L, fixed, context=context, key=surface_key(engine), prefill=per_token,
+                    prefill_fixed=max(0.0, small - 16 * per_token), device=engine.device.type)
+    # the loop's own cost per step: a + b x rows, from short plain streams at two widths
+    w1, w2 = min(2, widths[-1]), min(16, widths[-1])
+    o1 = _time_stream_overhead(engine, s, w1, cuda)
+    o2 = _time_stream_overhead(engine, s, w2, cuda) if w2 > w1 else o1
+    s.row_overhead = max(0.0, (o2 - o1) / (w2 - w1)) if w2 > w1 else 0.0
+    s.step_overhead = max(0.0, o1 - s.row_overhead * w1)
+    return s
+
+
+def _time_prefill(engine, reps: int, cuda: bool, rows: int, tokens: int) -> float:
+    """Seconds of a prefill forward (``rows`` x ``tokens`` new tokens on an empty cache, logits at the
+    last column only, as the engine prefills), min over ``reps`` after a warm-up."""
+    kv = KVState(engine.model, slots=rows, columns=tokens + 8)
+    ids = torch.ones(rows, tokens, dtype=torch.long, device=engine.device)
+    zeros = torch.zeros(rows, dtype=torch.long, device=engine.device)
+    best = math.inf
+    for rep in range(reps + 1):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        kv.forward(ids, logits_to_keep=1, rows=(0, rows), offsets=zeros)
+        if cuda:
+            torch.cuda.synchronize()
+        if rep:
+            best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _time_stream_overhead(engine, surface: CostSurface, rows: int, cuda: bool, new: int = 16, prompt: int = 32) -> float:
+    """Seconds per decode step that ``Engine.stream`` spends beyond its forwards (drafting, acceptance,
+    per-row bookkeeping) at ``rows`` rows: a short plain stream against the surface's forecast of
+    its forwards (min of 2 after a warm-up)."""
+    from .engine import GenerationConfig, Request
+
+    reqs = [Request([1] * prompt, new) for _ in range(rows)]
+    gc = GenerationConfig(max_new_tokens=new, stop_token_ids=())
+    best = math.inf
+    for rep in range(3):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in engine.stream(reqs, gc, max_batch=rows):
+            pass
+        if cuda:
+            torch.cuda.synchronize()
+        if rep:
+            best = min(best, time.perf_counter() - t0)
+    bare = CostSurface(surface.table, surface.n_layers, surface.fixed, prefill=surface.prefill,
+                       prefill_fixed=surface.prefill_fixed)
+    return max(0.0, (best - stream_seconds(bare, [(prompt, new)] * rows, rows).seconds) / (new - 1))
+
+
+def load_or_calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256,
+                      cache_file: str | Path | None = None, fresh: bool = False) -> tuple[CostSurface, bool]:
+    """The cached surface for this model x device x dtype x kernels x threads if it covers ``widths``
+    and ``qs`` (and not ``fresh``), else a new calibration (cached). Returns (surface, came from the cache)."""
+    path = Path(cache_file) if cache_file else default_cache_file().with_name("costs.json")
+    key = surface_key(engine)
+    raw = None if fresh else _read_cache(path).get(key)
+    if raw:
+        try:
+            s = CostSurface.from_dict(raw)
+            if s.covers(widths, qs):
+                return s, True
+        except ValueError:
+            pass
+    s = calibrate(engine, widths, qs, context)
+    _write_cache(path, key, s.as_dict())
+    return s, False
 
 
 def break_even_alpha(cost_ratio: float, k: int) -> float | None:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from .controller import DRAFTERS, build_drafter, surface_grid
-from .costs import load_or_calibrate
+from .calibrate import load_or_calibrate
 from .drafters import FixedSkip, LayerSkipDrafter
 from .registry import entry_from_policy, save_entry
 from .search import OBJECTIVES, SEARCHERS, make_policy

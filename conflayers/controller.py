@@ -280,6 +280,6 @@ def build_drafter(kind: str, model, layer_skip: dict[str, Drafter] | Drafter | N
             raise ValueError("drafter layerskip needs a skip-set policy (a searcher or a fixed set)")
         return GroupRouter(layer_skip) if isinstance(layer_skip, dict) else layer_skip
     if surface is None:
-        raise ValueError("drafter auto needs a cost surface (conflayers.costs.load_or_calibrate)")
+        raise ValueError("drafter auto needs a cost surface (conflayers.calibrate.load_or_calibrate)")
     return AutoDrafter(surface, NgramDrafter(ngram_max, ngram_min, max_draft_len), layer_skip,
                        max_draft_len=max_draft_len)

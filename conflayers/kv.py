@@ -152,7 +152,7 @@ class KVState:
             input_ids=tokens,
             attention_mask=self.attention_mask(positions, kv_len),
             position_ids=positions,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
             logits_to_keep=logits_to_keep,
         )

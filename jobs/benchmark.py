@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 
 from conflayers import Engine, GenerationConfig, LayerSkipDrafter
 from conflayers.controller import build_drafter, surface_grid
-from conflayers.costs import load_or_calibrate
+from conflayers.calibrate import load_or_calibrate
 from conflayers.models import encode_prompts, load_model
 from conflayers.search import make_policy
 

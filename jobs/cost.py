@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 
 from jobs.generate import _setup_logging, init_ray, job_parser, load_config, reported
-from pipeline.cost import CostConfig, read_inputs, validate_cost
+from pipeline.cost.run import CostConfig, read_inputs, validate_cost
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"config error: {e}", file=sys.stderr)
         return 2
 
-    from pipeline.cost import run_cost
+    from pipeline.cost.run import run_cost
 
     # a local cluster's cells share this machine's cores among their actors
     local_cores = init_ray(cfg, concurrency=max(cfg.grid.concurrency or [1]))

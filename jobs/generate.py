@@ -85,9 +85,11 @@ def init_ray(cfg: PipelineConfig, concurrency: int | None = None) -> int | None:
 
     if ray.is_initialized():  # embedded use (tests): the caller owns Ray
         return None
+    quiet_ray(cfg.progress.verbose)
+    level = logging.INFO if cfg.progress.verbose else logging.WARNING  # Ray's own start-up lines: -v
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True, logging_level=level)
         return None
     # a local cluster: logical CPUs for the actor pool plus the read tasks, even on a 2-core machine;
     # the machine is the job's, so its cores are shared among the actors' torch threads
@@ -95,8 +97,22 @@ def init_ray(cfg: PipelineConfig, concurrency: int | None = None) -> int | None:
     if concurrency is None and cfg.engine.threads is None:
         cfg.engine.threads = max(1, cores // cfg.ray.concurrency)
     need = int((concurrency or cfg.ray.concurrency) * cfg.ray.num_cpus_per_actor) + 2
-    ray.init(num_cpus=max(cores, need), include_dashboard=False)
+    ray.init(num_cpus=max(cores, need), include_dashboard=False, logging_level=level)
     return cores
+
+
+def quiet_ray(verbose: bool) -> None:
+    """Without ``-v``: Ray Data's own log lines and its progress output off (the job draws its own
+    progress, ``pipeline.progress``); warnings and errors still show."""
+    if verbose:
+        return
+    import ray.data
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    # Ray Data then warns once that its bars are off, as they are meant to be here
+    logging.getLogger("ray.data._internal.progress").addFilter(
+        lambda record: not record.getMessage().startswith("Progress bars disabled"))
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -122,11 +138,20 @@ def save_run_config(cfg) -> None:
     storage_io.write_run_config(cfg, cfg.output.path)
 
 
+class _JobParser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        if ns.verbose:
+            ns.overrides.append("progress.verbose=true")
+        return ns
+
+
 def job_parser(job: str, doc: str, example: str) -> argparse.ArgumentParser:
-    """``python -m jobs.<job> [--config FILE] [key=value ...]`` (a job adds its own flags)."""
-    p = argparse.ArgumentParser(prog=f"python -m jobs.{job}", description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """``python -m jobs.<job> [--config FILE] [-v] [key=value ...]`` (a job adds its own flags)."""
+    p = _JobParser(prog=f"python -m jobs.{job}", description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help=f"YAML config file (e.g. configs/{job}.yaml)")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also Ray's own log lines and Ray Data's progress output (= progress.verbose=true)")
     p.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
     return p
 

@@ -17,7 +17,7 @@ import sys
 import threading
 
 from jobs.generate import _setup_logging, init_ray, job_parser, load_config
-from pipeline.serve import ServeConfig, build_app, served_model_name, validate_serve
+from pipeline.serve.app import ServeConfig, build_app, served_model_name, validate_serve
 
 
 def start(cfg: ServeConfig) -> str:

@@ -11,7 +11,7 @@ changed document once (``pipeline.summarize``): summaries per run under
   Airflow); ``--tick 2026-11-26T01:00:00Z`` runs the tick of that time instead (a backfill; a
   tick already committed is not redone).
 
-Configuration as ``jobs.generate``: structured defaults (``pipeline.summarize.SummarizeConfig``),
+Configuration as ``jobs.generate``: structured defaults (``pipeline.summarize.run.SummarizeConfig``),
 then ``--config`` (``configs/summarize.yaml``), then ``key=value`` overrides; the model, storage,
 generation, engine, search and ray sections are the generation job's.
 Exit status: 0 ok (a tick skipped because another run holds the lock is ok, and says so), 1 a
@@ -26,8 +26,8 @@ import time
 from datetime import datetime, timezone
 
 from jobs.generate import _setup_logging, init_ray, job_parser, load_config, save_run_config
-from pipeline.schedule import Schedule
-from pipeline.summarize import SummarizeConfig, missed_ticks, read_runs, run_tick, runs_table, validate_summarize
+from pipeline.summarize.schedule import Schedule
+from pipeline.summarize.run import SummarizeConfig, missed_ticks, read_runs, run_tick, runs_table, validate_summarize
 
 log = logging.getLogger("pipeline")
 

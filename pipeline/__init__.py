@@ -1,6 +1,11 @@
 """The Ray Data batch-inference pipeline around the ``conflayers`` engine.
 
+The generation core, at this level: ``run`` (the driver; entry point ``python -m jobs.generate``),
 ``reader`` (corpus -> rows), ``actor`` (the ``map_batches`` generation stage), ``coordinator``
-(cluster-wide skip sets), ``policies`` (where ``conflayers.search`` plugs in), ``metrics``,
-``io`` (local / s3 storage), ``config`` (plain dataclasses) and ``run`` (the driver).
+(cluster-wide skip sets and cost surfaces), ``policies`` (where ``conflayers.search`` plugs in),
+``metrics``, ``progress`` (the job's progress display), ``idsets`` (resume and exactly-once id
+accounting), ``io`` (local / s3 storage), ``config`` (plain dataclasses).
+
+A sub-package per use, each built on the core: ``summarize`` (scheduled summarization),
+``cost`` (cluster cost comparison), ``serve`` (the OpenAI-compatible endpoint).
 """

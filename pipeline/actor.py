@@ -70,6 +70,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("baseline_num_generated_tokens", pa.int64()),
         ("baseline_compute_seconds", pa.float64()),
         ("baseline_exact_match", pa.bool_()),
+        ("baseline_width", pa.int64()),  # rows in flight when the baseline rows were decoded (both ways)
         ("search_iterations", pa.int64()),
         ("actor_id", pa.string()),
         ("accelerator", pa.string()),
@@ -82,6 +83,36 @@ OUTPUT_SCHEMA = pa.schema(
 def batch_file_name(ids: list[str]) -> str:
     """Depends only on the batch's ids: a retried batch overwrites its own file, never duplicates it."""
     return "batch-" + hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:20] + ".parquet"
+
+
+class BatchProgress:
+    """A batch's rows as they finish, sent to the coordinator at most once a second (and by ``send``):
+    the driver's progress display counts them before the batch is committed."""
+
+    def __init__(self, coordinator, batch: str, errors: int, every_s: float = 1.0):
+        self.coordinator, self.batch, self.every_s = coordinator, batch, every_s
+        self.rows = self.errors = errors  # rows that failed before generation are done already
+        self.tokens = 0
+        self.sent = time.monotonic()
+
+    def row(self, tokens: int, error: bool) -> None:
+        self.rows += 1
+        self.errors += error
+        self.tokens += tokens
+        if time.monotonic() - self.sent >= self.every_s:
+            self.send()
+
+    def send(self) -> None:
+        self.sent = time.monotonic()
+        if self.coordinator is not None:
+            self.coordinator.batch_progress.remote(self.batch, self.rows, self.tokens, self.errors)
+
+
+def report_committed(coordinator, batch: str, out: list[dict]) -> None:
+    """A committed batch's final counts (every path that commits a batch goes through here)."""
+    if coordinator is not None:
+        coordinator.batch_progress.remote(batch, len(out), sum(r.get("num_generated_tokens") or 0 for r in out),
+                                          sum(bool(r.get("error_type")) for r in out), True)
 
 
 def in_baseline_fraction(row_id: str, fraction: float) -> bool:
@@ -116,6 +147,10 @@ class GenerationActor:
             torch.set_num_threads(cfg.engine.threads or max(1, int(cfg.ray.num_cpus_per_actor)))
         self.accelerator = torch.cuda.get_device_name() if self.device.startswith("cuda") else "cpu"
         m = cfg.model
+        if not cfg.progress.verbose:  # the job draws its own progress: no per-actor "Loading weights" bars
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
         self.model, self.tokenizer = load_model(m.source, m.dtype, self.device, allow_pickle=m.allow_pickle,
                                                 trust_remote_code=m.trust_remote_code, revision=m.revision)
         self.engine = Engine(self.model, cfg.model.kernels)
@@ -235,7 +270,8 @@ class GenerationActor:
         """The cost surface for this accelerator: the coordinator's if another actor measured it,
         else the cache file's, else measured now (and shared)."""
         from conflayers.controller import surface_grid
-        from conflayers.costs import CostSurface, load_or_calibrate, surface_key
+        from conflayers.calibrate import load_or_calibrate
+        from conflayers.costs import CostSurface, surface_key
 
         widths, qs = surface_grid(self.width, self.cfg.search.max_draft_len)
         key = surface_key(self.engine)
@@ -273,9 +309,10 @@ class GenerationActor:
                                                f"{self.engine.context} tokens")
         return ids
 
-    def _decode(self, items: list[tuple[int, object]], drafter):
+    def _decode(self, items: list[tuple[int, object]], drafter, progress: "BatchProgress | None" = None):
         """Stream (row index, Request) items through the engine, shortest prompt first (rows in flight
-        attend over the longest one's positions); returns ({row index: result}, wall)."""
+        attend over the longest one's positions); returns ({row index: result}, wall). Each finished
+        row counts in ``progress``."""
         items = sorted(items, key=lambda it: len(it[1].token_ids))
         t0 = time.perf_counter()
         results = {}
@@ -284,6 +321,8 @@ class GenerationActor:
                                     prefill_tokens=self.cfg.engine.prefill_tokens, kv_budget_bytes=self.kv_budget)
         for j, r in stream:
             results[items[j][0]] = r
+            if progress is not None:
+                progress.row(r.stats.new_tokens, bool(r.error))
         return results, time.perf_counter() - t0
 
     # -- the batch ------------------------------------------------------------------------------
@@ -344,6 +383,7 @@ class GenerationActor:
         if errors and self.cfg.fail_fast:
             e = errors[0]
             raise RuntimeError(f"fail_fast: row {e['id']!r} ({e['dataset']}): {e['error_type']}: {e['error_message']}")
+        progress = BatchProgress(self.coordinator, batch_file_name([r["id"] for r in out]), len(errors))
 
         b = self.cfg.baseline
         base, rest = [], []
@@ -360,7 +400,7 @@ class GenerationActor:
         for group, is_base in ((base, True), (rest, False)):
             if not group:
                 continue
-            results, secs = self._decode(group, drafter)
+            results, secs = self._decode(group, drafter, progress)
             tokens = sum(r.stats.new_tokens for r in results.values()) or 1
             for i, r in results.items():
                 if r.error:
@@ -388,6 +428,7 @@ class GenerationActor:
                     rec["baseline_num_generated_tokens"] = r.stats.new_tokens
                     rec["baseline_compute_seconds"] = psecs * r.stats.new_tokens / ptokens
                     rec["baseline_exact_match"] = list(r.token_ids) == list(rec.pop("_token_ids"))
+                    rec["baseline_width"] = min(self.width, len(group))
                     obs["baseline_tokens"] += r.stats.new_tokens
                     obs["baseline_seconds"] += rec["baseline_compute_seconds"]
         for dataset, obs in per_dataset.items():
@@ -408,8 +449,9 @@ class GenerationActor:
         """Write the batch's rows as one Parquet file named by its ids (the commit), and return them."""
         table = pa.Table.from_pylist(out, schema=OUTPUT_SCHEMA)
         if out:
-            path = storage_io.join(self.cfg.output.path, "generations", batch_file_name([r["id"] for r in out]))
-            storage_io.write_parquet(self.cfg.storage, path, table)
+            name = batch_file_name([r["id"] for r in out])
+            storage_io.write_parquet(self.cfg.storage, storage_io.join(self.cfg.output.path, "generations", name), table)
+            report_committed(self.coordinator, name, out)
         return table
 
     def _fill(self, rec: dict, r, compute_seconds: float, policy) -> None:

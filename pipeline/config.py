@@ -114,6 +114,12 @@ class DebugConfig:
 
 
 @dataclass
+class ProgressConfig:
+    interval_s: float = 30.0  # stderr not a terminal (logs, CI, ray job logs): a progress line this often; 0: none
+    verbose: bool = False  # Ray's own log lines and Ray Data's progress output too (the jobs' -v flag)
+
+
+@dataclass
 class JobSections:
     """The sections every job shares (the generation job, the scheduled summarization job)."""
 
@@ -124,6 +130,7 @@ class JobSections:
     search: SearchConfig = field(default_factory=SearchConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    progress: ProgressConfig = field(default_factory=ProgressConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     fail_fast: bool = False
 
@@ -192,6 +199,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
           f"must be > 0 seconds or null (no limit), got {r.batch_timeout_s}")
     check(r.batch_attempts >= 1, "ray.batch_attempts", f"must be >= 1, got {r.batch_attempts}")
     check(r.driver_ids >= 0, "ray.driver_ids", f"must be >= 0, got {r.driver_ids}")
+    check(cfg.progress.interval_s >= 0, "progress.interval_s", f"must be >= 0 (0: no lines), got {cfg.progress.interval_s}")
     check(r.batch_timeout_s is None or r.max_task_retries == -1 or r.batch_attempts <= r.max_task_retries,
           "ray.batch_attempts", f"must be <= ray.max_task_retries ({r.max_task_retries}): a batch's timed-out "
           f"attempts are retries, and the attempt after the last one writes its rows as timeout error rows")

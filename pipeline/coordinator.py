@@ -4,8 +4,11 @@ Generation actors ``report`` what they measured under a skip set (rows, tokens, 
 accepted/drafted, plain-decoding tokens and seconds, search iterations) and ask for ``best`` when
 they start a dataset, so an actor that joins late starts from the cluster-wide best set instead of
 searching from scratch. Actors share the cost surface they measured per accelerator type
-(``surface`` / ``put_surface``), so only the first actor on a kind of device calibrates. At the end
-of the run the driver takes ``summary()`` and writes it out.
+(``surface`` / ``put_surface``), so only the first actor on a kind of device calibrates. Actors
+report each batch's rows as they finish and when the batch is committed (``batch_progress``,
+keyed by the batch's file, so a retried batch replaces its earlier attempt's counts):
+``progress()`` is the job's rows done, tokens and error rows.
+At the end of the run the driver takes ``summary()`` and writes it out.
 
 ``Coordinator`` is a plain class (tested without Ray); ``start_coordinator`` makes it a named actor.
 """
@@ -28,6 +31,22 @@ class Coordinator:
         self.latest: dict[str, list[int]] = {}  # the set each dataset's policy stood on at its last report
         self.surfaces: dict[str, dict] = {}  # cost surface per model x accelerator x dtype x kernels x threads
         self.actors: dict[str, dict] = {}  # actor id -> accelerator, width, threads, init_seconds, ready_at
+        # batch (its output file's name) -> (rows done, tokens, errors); a retry replaces its earlier attempt
+        self.running: dict[str, tuple[int, int, int]] = {}
+        self.finished: dict[str, tuple[int, int, int]] = {}
+
+    def batch_progress(self, batch: str, rows: int, tokens: int, errors: int, committed: bool = False) -> None:
+        """An actor's counts for a batch: while it runs, and once more when it is committed."""
+        if committed:
+            self.running.pop(batch, None)
+            self.finished[batch] = (rows, tokens, errors)
+        elif batch not in self.finished:
+            self.running[batch] = (rows, tokens, errors)
+
+    def progress(self) -> tuple[int, int, int]:
+        """(rows done, tokens, errors) over the committed batches and those running now."""
+        both = list(self.finished.values()) + list(self.running.values())
+        return tuple(sum(v[i] for v in both) for i in range(3))
 
     def surface(self, key: str) -> dict | None:
         """A cost surface another actor measured on the same kind of accelerator (``drafter: auto``)."""

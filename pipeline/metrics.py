@@ -1,9 +1,13 @@
 """Run metrics from the generations table: one row per dataset plus ``__all__``, and a printed table.
 
-Throughput is measured per actor: ``tokens_per_s`` = generated tokens / the engine time spent on
-them (``compute_seconds``), ``baseline_tokens_per_s`` the same for the plain-decoding re-runs, and
-``speedup`` compares the two on the very same rows (the baseline rows, decoded both ways in the
-same batch shape). ``job_tokens_per_s`` is generated tokens / the run's wall time.
+Three throughputs, each named for what it divides (docs/generate.md, "Output columns"):
+
+- ``job_tokens_per_s`` = ``generated_tokens / wall_seconds``: the job's wall, start-up included;
+- ``engine_tokens_per_s`` = ``generated_tokens / compute_seconds``: the engines' own time (each row's
+  share of its stream's wall time, summed over rows, so over actors too);
+- ``spec_gain`` = ``baseline_spec_tokens_per_s / baseline_plain_tokens_per_s``: on the baseline rows
+  only, each decoded twice by the same actor at the same width (``spec_gain_width``), once with the
+  job's drafter and once plainly. It is the speculation's gain; it is not a ratio of the two above.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ import pyarrow as pa
 
 METRIC_FIELDS = (
     "dataset", "rows_ok", "rows_error", "prompt_tokens", "generated_tokens", "wall_seconds", "compute_seconds",
-    "tokens_per_s", "job_tokens_per_s", "baseline_rows", "baseline_tokens_per_s", "speedup", "tau",
+    "job_tokens_per_s", "engine_tokens_per_s", "baseline_rows", "baseline_generated_tokens",
+    "baseline_spec_seconds", "baseline_plain_seconds", "baseline_spec_tokens_per_s", "baseline_plain_tokens_per_s",
+    "spec_gain", "spec_gain_width", "tau",
     "acceptance_rate", "skip_set", "skip_ratio", "search_iterations", "exact_match_rate", "rouge2",
     "accelerator_type", "accelerator_count", "num_actors", "plain_step_share", "ngram_step_share",
     "layerskip_step_share", "startup_seconds",
@@ -53,6 +59,7 @@ class _Group:
         self.compute = 0.0
         self.base = self.base_tok = self.paired_tok = 0
         self.base_sec = self.paired_sec = 0.0
+        self.base_widths: Counter = Counter()
         self.steps = self.drafted = self.accepted = 0
         self.sets: Counter = Counter()
         self.iters = 0
@@ -75,6 +82,8 @@ class _Group:
             self.base_sec += r["baseline_compute_seconds"] or 0
             self.paired_tok += r["num_generated_tokens"] or 0
             self.paired_sec += r["compute_seconds"] or 0
+            if r.get("baseline_width"):
+                self.base_widths[r["baseline_width"]] += 1
             if r["baseline_exact_match"] is not None:
                 self.exact[0] += bool(r["baseline_exact_match"])
                 self.exact[1] += 1
@@ -98,6 +107,8 @@ class _Group:
             skip, iters = list(chosen.get("skip_set") or []), chosen.get("search_iterations")
         else:
             skip, iters = (list(self.sets.most_common(1)[0][0]) if self.sets else []), self.iters
+        if not self.kinds["layerskip"]:
+            skip = []  # a set that never drafted is not the run's set, whatever the search held
         return {
             "dataset": name,
             "rows_ok": self.ok,
@@ -106,11 +117,17 @@ class _Group:
             "generated_tokens": self.gen,
             "wall_seconds": wall,
             "compute_seconds": self.compute,
-            "tokens_per_s": _div(self.gen, self.compute),
             "job_tokens_per_s": _div(self.gen, wall),
+            "engine_tokens_per_s": _div(self.gen, self.compute),
             "baseline_rows": self.base,
-            "baseline_tokens_per_s": base_tps,
-            "speedup": _div(paired_tps, base_tps) if paired_tps is not None else None,
+            "baseline_generated_tokens": self.paired_tok,
+            "baseline_spec_seconds": self.paired_sec,
+            "baseline_plain_seconds": self.base_sec,
+            "baseline_spec_tokens_per_s": paired_tps,
+            "baseline_plain_tokens_per_s": base_tps,
+            "spec_gain": _div(paired_tps, base_tps) if paired_tps is not None else None,
+            # the width most baseline rows were decoded at (both ways); None: no baseline rows
+            "spec_gain_width": self.base_widths.most_common(1)[0][0] if self.base_widths else None,
             "tau": _div(self.accepted + self.steps, self.steps),
             "acceptance_rate": _div(self.accepted, self.drafted),
             "skip_set": skip,
@@ -179,7 +196,8 @@ METRICS_SCHEMA = pa.schema(
     [(k, pa.string()) if k in ("dataset", "accelerator_type")
      else (k, pa.list_(pa.int64())) if k == "skip_set"
      else (k, pa.int64()) if k in ("rows_ok", "rows_error", "prompt_tokens", "generated_tokens", "baseline_rows",
-                                   "search_iterations", "accelerator_count", "num_actors")
+                                   "baseline_generated_tokens", "spec_gain_width", "search_iterations",
+                                   "accelerator_count", "num_actors")
      else (k, pa.float64())
      for k in METRIC_FIELDS]
 )
@@ -189,23 +207,45 @@ def metrics_table(metrics: list[dict]) -> pa.Table:
     return pa.Table.from_pylist(metrics, schema=METRICS_SCHEMA)
 
 
-def summary_table(metrics: list[dict]) -> str:
-    head = ["dataset", "ok", "err", "gen tok", "tok/s", "base tok/s", "speedup", "tau", "accept", "exact",
-            "rouge2", "steps ngram/lskip", "skip set"]
+SUMMARY_COLUMNS = (  # (header, metrics field or None for a composed cell)
+    ("dataset", "dataset"), ("rows", "rows_ok"), ("errors", "rows_error"), ("gen tok", "generated_tokens"),
+    ("job tok/s", "job_tokens_per_s"), ("engine tok/s", "engine_tokens_per_s"),
+    ("gain", "spec_gain"), ("spec/plain tok/s @width", None), ("tau", "tau"), ("accept", "acceptance_rate"),
+    ("exact", "exact_match_rate"), ("rouge2", "rouge2"), ("ngram/lskip steps", None), ("skip set", "skip_set"),
+)
 
+
+def _cells(m: dict) -> list[str]:
     def f(v, spec=".2f"):
         return "-" if v is None else format(v, spec)
 
-    lines = [
-        [m["dataset"], str(m["rows_ok"]), str(m["rows_error"]), str(m["generated_tokens"]), f(m["tokens_per_s"], ".1f"),
-         f(m["baseline_tokens_per_s"], ".1f"), f(m["speedup"]), f(m["tau"]), f(m["acceptance_rate"]),
-         f(m["exact_match_rate"]), f(m["rouge2"], ".3f"),
-         f"{f(m['ngram_step_share'], '.0%')}/{f(m['layerskip_step_share'], '.0%')}",
-         ",".join(map(str, m["skip_set"])) or "-"]
-        for m in metrics
-    ]
+    pair = "-"
+    if m["baseline_spec_tokens_per_s"] is not None:
+        pair = (f"{f(m['baseline_spec_tokens_per_s'], '.1f')}/{f(m['baseline_plain_tokens_per_s'], '.1f')}"
+                f" @{f(m['spec_gain_width'], 'd')}")
+    return [m["dataset"], str(m["rows_ok"]), str(m["rows_error"]), str(m["generated_tokens"]),
+            f(m["job_tokens_per_s"], ".1f"), f(m["engine_tokens_per_s"], ".1f"), f(m["spec_gain"]), pair,
+            f(m["tau"]), f(m["acceptance_rate"]), f(m["exact_match_rate"]), f(m["rouge2"], ".3f"),
+            f"{f(m['ngram_step_share'], '.0%')}/{f(m['layerskip_step_share'], '.0%')}",
+            ",".join(map(str, m["skip_set"])) or "-"]
+
+
+def summary_table(metrics: list[dict]) -> str:
+    """The run's table: a row per dataset and ``__all__``, then a legend saying how each number is made."""
+    head = [h for h, _ in SUMMARY_COLUMNS]
+    lines = [_cells(m) for m in metrics]
+    left = (0, len(head) - 1)
     widths = [max(len(h), *(len(r[c]) for r in lines)) for c, h in enumerate(head)]
-    out = ["  ".join(h.ljust(w) if c in (0, 12) else h.rjust(w) for c, (h, w) in enumerate(zip(head, widths)))]
-    for r in lines:
-        out.append("  ".join(v.ljust(w) if c in (0, 12) else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))))
+    out = ["  ".join(v.ljust(w) if c in left else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths)))
+           for r in [head, *lines]]
+    a = metrics[-1]
+    startup = a.get("startup_seconds")
+    out += [
+        f"job tok/s = gen tok / the job's wall time ({a['wall_seconds']:.1f} s"
+        + (f", {startup:.1f} s of it start-up" if startup is not None else "") + "); "
+        f"engine tok/s = gen tok / engine seconds ({a['compute_seconds']:.1f} s, summed over actors)",
+        f"gain = spec/plain tok/s on the {a['baseline_rows']} baseline rows, each decoded both ways at the width "
+        "after @; steps: shares of n-gram / layer-skip drafts; skip set: where layer-skip drafts ran",
+        "every column: docs/generate.md#output-columns",
+    ]
     return "\n".join(out)

@@ -3,8 +3,10 @@
 1. list the input files; read them in Ray tasks (each builds its own filesystem) into rows;
 2. drop ids already committed under ``<output>/generations/`` (resume): Ray tasks build hash buckets
    of the committed ids, and the input is filtered against them (``pipeline.idsets``);
-3. ``map_batches(GenerationActor)`` on a fixed actor pool; each batch is written by its actor as
-   one Parquet file; the driver logs one line per finished batch;
+3. count the rows to do (a rerun that finds them all committed says so and stops there);
+   ``map_batches(GenerationActor)`` on a fixed actor pool; each batch is written by its actor as
+   one Parquet file; the job's progress (rows done of total, tok/s, ETA, error rows) is drawn from
+   the actors' reports to the coordinator (``pipeline.progress``);
 4. check that every input id is committed and count ids committed twice (one pass over hash buckets
    of the input's and the outputs' ids, in Ray tasks),
    stream the committed generations through running sums into ``metrics.parquet``, write
@@ -24,6 +26,7 @@ import logging
 import time
 import uuid
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from .actor import GenerationActor
 from .config import PipelineConfig, validate
 from .coordinator import start_coordinator
 from .metrics import MetricsAccumulator, metrics_table, summary_table
+from .progress import JobProgress
 from .reader import ROW_FIELDS, read_rows
 
 log = logging.getLogger("pipeline")
@@ -83,13 +87,24 @@ def input_dataset(cfg: PipelineConfig, files: list[str]):
 
     r = cfg.ray
     ds = ray.data.from_items([{"path": f} for f in files])
-    ds = ds.map_batches(_read_files(cfg.storage, cfg.input.format, cfg.input.file_format,
-                                    cfg.generation.max_tokens_limit), batch_size=1, batch_format="pyarrow",
-                        max_retries=r.max_task_retries if r.max_task_retries >= 0 else 3)  # finite
+    with remote_args_accepted():
+        ds = ds.map_batches(_read_files(cfg.storage, cfg.input.format, cfg.input.file_format,
+                                        cfg.generation.max_tokens_limit), batch_size=1, batch_format="pyarrow",
+                            max_retries=r.max_task_retries if r.max_task_retries >= 0 else 3)  # finite
     if cfg.input.limit:
         ray.data.DataContext.get_current().execution_options.preserve_order = True  # a deterministic first N
         ds = ds.limit(cfg.input.limit)
     return ds
+
+
+@contextmanager
+def remote_args_accepted():
+    """Ray Data 2.60-2.63 takes ``max_retries`` / ``max_restarts`` / ``max_task_retries`` only as
+    ``ray_remote_args`` and warns that those go in 2.64 (pyproject.toml's upper bound): that one
+    warning is known and silenced here, every other one shows."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        yield
 
 
 def _accounting_actor(cfg: PipelineConfig):
@@ -200,9 +215,18 @@ def run(cfg: PipelineConfig) -> list[dict]:
     files = storage_io.list_input_files(cfg.storage, cfg.input.path)
     if not cfg.output.resume:
         _clear_generations(cfg)
-    ds, done = without_committed(cfg, input_dataset(cfg, files))
-    log.info("input: %d file(s) from %s; %d id(s) already committed under %s", len(files), cfg.input.path,
-             done, cfg.output.path)
+    inputs = input_dataset(cfg, files)
+    ds, done = without_committed(cfg, inputs)
+    total = ds.count()  # reads the input once more (Ray tasks): cheap next to generating it
+    log.info("input: %d file(s) from %s; %d row(s) to generate, %d id(s) already committed under %s", len(files),
+             cfg.input.path, total, done, cfg.output.path)
+    if total == 0 and done:
+        previous = read_metrics(cfg)
+        if previous is not None:
+            n = inputs.count()
+            print(f"{n} of {n} rows already committed; nothing to do; pass output.resume=false to regenerate",
+                  flush=True)
+            return previous
 
     coord_name = f"conflayers-coordinator-{uuid.uuid4().hex[:8]}"
     coordinator = start_coordinator(coord_name)
@@ -210,8 +234,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
     gpu = _uses_gpu(cfg)
 
     ds = ds.repartition(target_num_rows_per_block=r.batch_size)  # one block per actor call: spread, and logged per batch
-    with warnings.catch_warnings():  # max_restarts / max_task_retries still travel as ray_remote_args
-        warnings.simplefilter("ignore", DeprecationWarning)
+    with remote_args_accepted():
         ds = ds.map_batches(
             GenerationActor,
             fn_constructor_kwargs={"cfg": cfg, "coordinator": coord_name,
@@ -225,18 +248,21 @@ def run(cfg: PipelineConfig) -> list[dict]:
             max_task_retries=r.max_task_retries,
         )
 
-    rows_done, tokens, errors = 0, 0, 0
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if batch.num_rows == 0:
-            continue
-        rows_done += batch.num_rows
-        tokens += pc.sum(batch.column("num_generated_tokens")).as_py() or 0
-        errors += batch.num_rows - pc.sum(pc.is_null(batch.column("error_type"))).as_py()
-        current = ray.get(coordinator.current.remote(sorted(set(batch.column("dataset").to_pylist()))))
-        elapsed = time.perf_counter() - t0
-        log.info("batch done: %d rows (%d so far, %d errors), %.1f tok/s overall, skip set %s", batch.num_rows,
-                 rows_done, errors, tokens / elapsed if elapsed else 0.0,
-                 " ".join(f"{d}:{s}" for d, s in current.items()) or "-")
+    progress = JobProgress(total, lambda: ray.get(coordinator.progress.remote(), timeout=10),
+                           interval_s=cfg.progress.interval_s, clock=time.perf_counter, started=t0).start()
+    rows_done = errors = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            if batch.num_rows == 0:
+                continue
+            rows_done += batch.num_rows
+            errors += batch.num_rows - pc.sum(pc.is_null(batch.column("error_type"))).as_py()
+            if cfg.progress.verbose:
+                current = ray.get(coordinator.current.remote(sorted(set(batch.column("dataset").to_pylist()))))
+                log.info("batch committed: %d rows (%d so far, %d errors), skip set %s", batch.num_rows, rows_done,
+                         errors, " ".join(f"{d}:{s}" for d, s in current.items()) or "-")
+    finally:
+        progress.close()
     wall = time.perf_counter() - t0
 
     sets = ray.get(coordinator.summary.remote())
@@ -268,6 +294,16 @@ def run(cfg: PipelineConfig) -> list[dict]:
     print(summary_table(metrics), flush=True)
     log.info("%d rows (%d errors) in %.1f s; outputs under %s", rows_done, errors, wall, cfg.output.path)
     return metrics
+
+
+def read_metrics(cfg: PipelineConfig) -> list[dict] | None:
+    """The metrics a finished run wrote (``metrics.parquet``), or None if there are none."""
+    import pyarrow.parquet as pq
+
+    path = storage_io.join(cfg.output.path, "metrics.parquet")
+    if not storage_io.exists(cfg.storage, path):
+        return None
+    return pq.read_table(pa.BufferReader(storage_io.read_bytes(cfg.storage, path))).to_pylist()
 
 
 def startup_seconds(actors: dict, t0_wall: float, concurrency: int, wall: float) -> float | None:

@@ -9,7 +9,8 @@ import torch
 
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, Proposal, Request
 from conflayers.controller import AutoDrafter
-from conflayers.costs import CostSurface, calibrate, expected_tokens, load_or_calibrate
+from conflayers.calibrate import calibrate, load_or_calibrate
+from conflayers.costs import CostSurface, expected_tokens
 from conflayers.drafters import DraftContext, StepOutcome
 from conflayers.ngram import NgramDrafter
 

@@ -16,10 +16,10 @@ from conflayers import Engine, GenerationConfig, Request
 from conflayers.costs import CostSurface
 from conflayers.forecast import job_seconds, stream_seconds
 from jobs.generate import load_config
-from pipeline.cost import CostConfig, read_inputs, run_cost, validate_cost
-from pipeline.cost_report import recommend
+from pipeline.cost.run import CostConfig, read_inputs, run_cost, validate_cost
+from pipeline.cost.report import recommend
 from pipeline.metrics import metrics_table
-from pipeline.prices import load_prices, parse_prices
+from pipeline.cost.prices import load_prices, parse_prices
 from tests.conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

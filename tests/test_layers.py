@@ -30,7 +30,7 @@ def test_skipped_layer_writes_no_kv():
     model = tiny_model("llama")
     cache = DynamicCache()
     with torch.no_grad(), skip_layers(model, [1, 3]):
-        model(torch.tensor([[1, 2, 3]]), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[1, 2, 3]]), cache=cache, use_cache=True)
     lengths = [layer.get_seq_length() for layer in cache.layers]
     assert lengths[1] == 0 and lengths[3] == 0 and lengths[0] == lengths[2] == 3
 

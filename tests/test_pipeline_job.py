@@ -63,11 +63,72 @@ def test_end_to_end_outputs_and_metrics(ray_local, tiny_dir, tmp_path, capsys):
     m = {r["dataset"]: r for r in metrics}
     assert set(m) == {"alpha", "beta", "corpus", "__all__"}
     assert m["__all__"]["rows_ok"] == 5 and m["__all__"]["rows_error"] == 4
-    assert m["__all__"]["generated_tokens"] == 40 and m["alpha"]["baseline_tokens_per_s"] > 0
-    assert m["alpha"]["speedup"] > 0 and m["alpha"]["rouge2"] is not None and m["alpha"]["accelerator_type"] == "cpu"
+    assert m["__all__"]["generated_tokens"] == 40 and m["alpha"]["baseline_plain_tokens_per_s"] > 0
+    assert m["alpha"]["spec_gain"] > 0 and m["alpha"]["rouge2"] is not None and m["alpha"]["accelerator_type"] == "cpu"
     assert (out / "run_config.yaml").read_text().count("max_tokens_limit: 100") == 1
     assert (out / "skip_sets.json").is_file()
-    assert "__all__" in capsys.readouterr().out
+    check_summary_recomputes(capsys.readouterr().out, metrics, rows)
+
+
+def _table(printed: str) -> dict[str, dict[str, str]]:
+    """The printed summary table: {dataset: {header: cell}} (headers are split on 2+ spaces)."""
+    import re
+
+    lines = printed.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith("dataset "))
+    head = re.split(r"\s{2,}", lines[start].strip())
+    out = {}
+    for ln in lines[start + 1:]:
+        cells = re.split(r"\s{2,}", ln.strip())
+        if len(cells) != len(head):
+            break
+        out[cells[0]] = dict(zip(head, cells))
+    return out
+
+
+def check_summary_recomputes(printed: str, metrics: list[dict], rows: list[dict]) -> None:
+    """Every number of the printed table, recomputed from metrics.parquet and the generations by the
+    definitions in docs/generate.md ("Output columns")."""
+    from collections import Counter
+
+    table = _table(printed)
+    by_ds = {m["dataset"]: m for m in metrics}
+    assert set(table) == set(by_ds)
+
+    def ratio(a, b, spec=".2f"):  # the table's "-": nothing to divide by
+        return format(a / b, spec) if b else "-"
+
+    for name, cells in table.items():
+        m = by_ds[name]
+        mine = [r for r in rows if (name == "__all__" or r["dataset"] == name)]
+        ok = [r for r in mine if r["error_type"] is None]
+        base = [r for r in ok if r["baseline"]]
+        gen = sum(r["num_generated_tokens"] for r in ok)
+        assert int(cells["rows"]) == m["rows_ok"] == len(ok)
+        assert int(cells["errors"]) == m["rows_error"] == len(mine) - len(ok)
+        assert int(cells["gen tok"]) == m["generated_tokens"] == gen
+        # job tok/s: tokens over the job's wall; engine tok/s: tokens over the engines' seconds
+        assert cells["job tok/s"] == ratio(gen, m["wall_seconds"], ".1f")
+        assert m["compute_seconds"] == pytest.approx(sum(r["compute_seconds"] for r in ok))
+        assert cells["engine tok/s"] == ratio(gen, m["compute_seconds"], ".1f")
+        if not base:
+            assert cells["gain"] == cells["spec/plain tok/s @width"] == "-" and not ok
+            continue
+        # the gain: the baseline rows' speculative tok/s over their plain tok/s, at the width they ran at
+        spec = sum(r["num_generated_tokens"] for r in base) / sum(r["compute_seconds"] for r in base)
+        plain = sum(r["baseline_num_generated_tokens"] for r in base) / sum(r["baseline_compute_seconds"] for r in base)
+        width = Counter(r["baseline_width"] for r in base).most_common(1)[0][0]
+        assert m["spec_gain"] == pytest.approx(spec / plain) and m["spec_gain_width"] == width
+        assert cells["gain"] == f"{spec / plain:.2f}"
+        assert cells["spec/plain tok/s @width"] == f"{spec:.1f}/{plain:.1f} @{width}"
+        steps = sum(r["steps"] for r in ok)
+        assert cells["tau"] == ratio(sum(r["accepted"] for r in ok) + steps, steps)
+        assert cells["accept"] == ratio(sum(r["accepted"] for r in ok), sum(r["drafted"] for r in ok))
+        lskip = sum(r["layerskip_steps"] for r in ok)
+        assert cells["ngram/lskip steps"] == \
+            f"{sum(r['ngram_steps'] for r in ok) / steps:.0%}/{lskip / steps:.0%}"
+        # a skip set only where layer-skip drafts ran
+        assert (cells["skip set"] == "-") == (not lskip or name == "__all__" and len(table) > 2)
 
 
 def test_drafter_auto_job_decides_per_step_and_reports_step_shares(ray_local, tiny_dir, tmp_path):
@@ -108,6 +169,20 @@ def test_resume_after_a_killed_run(ray_local, tiny_dir, tmp_path):
     assert len(kept) < len(ids)
     metrics = {r["dataset"]: r for r in pq.read_table(out / "metrics.parquet").to_pylist()}
     assert metrics["__all__"]["rows_ok"] == 6
+
+
+def test_a_rerun_with_every_row_committed_says_so(ray_local, tiny_dir, tmp_path, capsys):
+    corpus = tmp_path / "c.jsonl"
+    write_corpus(corpus, n=4)
+    out = tmp_path / "out"
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(out)))
+    files = {f: f.stat().st_mtime_ns for f in (out / "generations").glob("*.parquet")}
+    metrics = (out / "metrics.parquet").read_bytes()
+    capsys.readouterr()
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(out)))
+    printed = capsys.readouterr().out
+    assert printed == "4 of 4 rows already committed; nothing to do; pass output.resume=false to regenerate\n"
+    assert {f: f.stat().st_mtime_ns for f in files} == files and (out / "metrics.parquet").read_bytes() == metrics
 
 
 def test_actor_killed_mid_batch_is_retried(ray_local, tiny_dir, tmp_path):

@@ -131,7 +131,8 @@ def test_metrics_dedupe_and_fields():
     rows = [
         {**base, "id": "a", "dataset": "d", "num_generated_tokens": 10, "num_input_tokens": 5, "compute_seconds": 1.0,
          "steps": 5, "drafted": 8, "accepted": 5, "skip_set": [2], "baseline": True, "baseline_num_generated_tokens": 10,
-         "baseline_compute_seconds": 2.0, "baseline_exact_match": True, "actor_id": "x", "accelerator": "cpu",
+         "baseline_compute_seconds": 2.0, "baseline_exact_match": True, "baseline_width": 3, "layerskip_steps": 4,
+         "actor_id": "x", "accelerator": "cpu",
          "reference": "the cat sat", "generated_text": "the cat sat down"},
         {**base, "id": "b", "dataset": "d", "baseline": False, "error_type": "empty_prompt", "actor_id": "x"},
     ]
@@ -141,5 +142,10 @@ def test_metrics_dedupe_and_fields():
     assert [r["dataset"] for r in m] == ["d", "__all__"]
     d = m[0]
     assert set(d) == set(METRIC_FIELDS)
-    assert d["rows_ok"] == 1 and d["rows_error"] == 1 and d["speedup"] == 2.0 and d["tau"] == 2.0
+    assert d["rows_ok"] == 1 and d["rows_error"] == 1 and d["spec_gain"] == 2.0 and d["tau"] == 2.0
+    assert d["spec_gain_width"] == 3 and d["baseline_spec_tokens_per_s"] == 10.0 and d["baseline_plain_tokens_per_s"] == 5.0
+    assert d["job_tokens_per_s"] == 2.5 and d["engine_tokens_per_s"] == 10.0 and d["skip_set"] == [2]
+    # a skip set that never drafted is not shown
+    never = [{**rows[0], "layerskip_steps": 0}]
+    assert compute_metrics(pa.Table.from_pylist(never, schema=OUTPUT_SCHEMA), 4.0, 4)[0]["skip_set"] == []
     assert d["exact_match_rate"] == 1.0 and d["skip_ratio"] == 0.25 and 0 < d["rouge2"] <= 1

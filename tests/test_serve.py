@@ -20,7 +20,7 @@ PROMPTS = ["Tell me a story about a cat.", "What is two plus two?", "Name three 
 def served(ray_local, tmp_path_factory):
     from jobs.generate import load_config
     from jobs.serve import start
-    from pipeline.serve import ServeConfig, validate_serve
+    from pipeline.serve.app import ServeConfig, validate_serve
 
     root = tmp_path_factory.mktemp("serve")
     model = save_tiny_model(root / "tiny", tied=False, context=1024)  # untied: it writes (random) words

@@ -43,7 +43,7 @@ def tick(argv: list[str], when: str) -> None:
 
 
 def summaries(out) -> list[dict]:
-    from pipeline.summarize import SummarizeConfig, read_summaries
+    from pipeline.summarize.run import SummarizeConfig, read_summaries
 
     cfg = SummarizeConfig()
     cfg.output.path = str(out)

@@ -11,11 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.documents import list_documents, read_documents
-from pipeline.lock import RunLock
-from pipeline.manifest import Manifest
-from pipeline.schedule import Schedule, parse_run_id, run_id
-from pipeline.summarize import RUN_SCHEMA, SummarizeConfig, missed_ticks, run_tick, validate_summarize
+from pipeline.summarize.documents import list_documents, read_documents
+from pipeline.summarize.lock import RunLock
+from pipeline.summarize.manifest import Manifest
+from pipeline.summarize.schedule import Schedule, parse_run_id, run_id
+from pipeline.summarize.run import RUN_SCHEMA, SummarizeConfig, missed_ticks, run_tick, validate_summarize
 
 UTC = timezone.utc
 

@@ -16,7 +16,7 @@ seconds the engines were busy, and the rows' lengths.
   add or save), or the bare surface where no cell of that device was measured (said so).
 
 Each measured cell also gets the prediction the other cells would have made for it (leave one
-out), so the report shows how far to trust the predicted ones. ``pipeline.cost_report`` prices
+out), so the report shows how far to trust the predicted ones. ``pipeline.cost.report`` prices
 the cells and writes the report.
 """
 
@@ -35,10 +35,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from . import io as storage_io
-from .config import (DRAFTERS, DTYPES, KERNELS, BaselineConfig, InputConfig, JobSections, OutputConfig,
+from .. import io as storage_io
+from ..config import (DRAFTERS, DTYPES, KERNELS, BaselineConfig, InputConfig, JobSections, OutputConfig,
                      PipelineConfig, check, shared_sections, validate)
-from .reader import read_rows
+from ..reader import read_rows
 
 log = logging.getLogger("pipeline")
 
@@ -150,7 +150,7 @@ def repo_path(p: str) -> str:
     looked up in the project's checkout (the configs name ``configs/...`` and ``docs/...`` files)."""
     if storage_io.is_s3(p) or os.path.isabs(p) or os.path.exists(p):
         return p
-    repo = Path(__file__).resolve().parents[1] / p
+    repo = Path(__file__).resolve().parents[2] / p
     return str(repo) if repo.exists() else p
 
 
@@ -166,7 +166,7 @@ class Corpus:
 def scan_corpus(cfg: CostConfig) -> Corpus:
     """Count the input's rows (up to ``corpus.scan_rows``; past that, estimate from file sizes) and draw
     ``sample.rows`` usable rows from them with a fixed seed (reservoir sampling, memory bounded)."""
-    from .run import DEMO_CORPUS
+    from ..run import DEMO_CORPUS
 
     path = cfg.input.path or DEMO_CORPUS
     files = storage_io.list_input_files(cfg.storage, path)
@@ -268,7 +268,7 @@ def read_cell(storage, run_dir: str, name: str | None = None) -> dict:
     gens = storage_io.read_parquet_dir(storage, storage_io.join(run_dir, "generations"))
     lengths, texts, busy = [], {}, 0.0
     if gens is not None:
-        from .metrics import dedupe
+        from ..metrics import dedupe
 
         for r in dedupe(gens).to_pylist():
             if r["error_type"]:
@@ -307,7 +307,7 @@ def read_cell(storage, run_dir: str, name: str | None = None) -> dict:
 
 def run_grid(cfg: CostConfig, sample_path: str, rows: int, local_cores: int | None) -> list[dict]:
     """Run (or reuse) every grid cell on the running Ray cluster; returns the measured cells."""
-    from .run import run
+    from ..run import run
 
     out = []
     cells = grid_cells(cfg)
@@ -336,7 +336,7 @@ def calibrate_surfaces(cfg: CostConfig, cells: list[dict], widths: list[int], co
     a Ray task that holds what one of the cells' actors holds (a GPU, or its CPUs and threads)."""
     import ray
 
-    from .run import _uses_gpu
+    from ..run import _uses_gpu
 
     gpu = _uses_gpu(PipelineConfig(**shared_sections(cfg)))
 
@@ -344,7 +344,7 @@ def calibrate_surfaces(cfg: CostConfig, cells: list[dict], widths: list[int], co
         import torch
 
         from conflayers import Engine
-        from conflayers.costs import calibrate
+        from conflayers.calibrate import calibrate
         from conflayers.models import load_model
 
         if threads:
@@ -429,7 +429,7 @@ def cluster_accelerator(cfg: CostConfig) -> str:
     """What the grid's actors will report as their accelerator: ``cpu``, or the cluster's GPU type."""
     import ray
 
-    from .run import _uses_gpu
+    from ..run import _uses_gpu
 
     if not _uses_gpu(PipelineConfig(**shared_sections(cfg))):
         return "cpu"
@@ -441,7 +441,7 @@ def cluster_accelerator(cfg: CostConfig) -> str:
 class Inputs:
     """What a comparison reads before any cell runs (so bad input fails before anything is written)."""
 
-    prices: object  # pipeline.prices.PriceTable
+    prices: object  # pipeline.cost.prices.PriceTable
     only: list
     files: dict  # surface key -> CostSurface from predict.surfaces
     runs: list  # measured cells read from runs:
@@ -466,7 +466,7 @@ def read_inputs(cfg: CostConfig) -> Inputs:
 def run_cost(cfg: CostConfig, local_cores: int | None = None, inputs: Inputs | None = None) -> dict:
     """Measure, predict, price and report; returns {"rows": report rows, "recommendation": str}.
     Every input is checked before a cell runs; the report files are written at the end, whole."""
-    from . import cost_report as rep
+    from . import report as rep
 
     inputs = inputs or read_inputs(cfg)
     prices, only, measured = inputs.prices, inputs.only, list(inputs.runs)
@@ -513,7 +513,7 @@ def write_report(cfg: CostConfig, rows: list[dict], recommendation: str, corpus:
     import tempfile
     from datetime import datetime, timezone
 
-    from . import cost_report as rep
+    from . import report as rep
 
     loo = [r for r in rows if r["prediction_error"] is not None]
     seen = set()

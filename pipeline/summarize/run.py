@@ -2,7 +2,7 @@
 
 Layout under ``output.path`` (local or ``s3://``)::
 
-    state/lock.json                      the run lock (pipeline.lock)
+    state/lock.json                      the run lock (pipeline.summarize.lock)
     state/manifest.parquet               per document: the version last committed, and by which run
     runs/<run_id>/documents.jsonl        the run's plan: its document versions (and prompts)
     runs/<run_id>/input.jsonl            the prompts, as the generation pipeline reads them
@@ -40,8 +40,8 @@ from typing import Optional
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import io as storage_io
-from .config import (GenerationSettings, InputConfig, JobSections, OutputConfig, PipelineConfig, check,
+from .. import io as storage_io
+from ..config import (GenerationSettings, InputConfig, JobSections, OutputConfig, PipelineConfig, check,
                      shared_sections, validate)
 from .documents import Document, list_documents, read_documents
 from .lock import CONCURRENCY, RunLock
@@ -50,7 +50,7 @@ from .schedule import Schedule, parse_run_id, run_id
 
 log = logging.getLogger("pipeline")
 
-DEMO_DOCUMENTS = str(Path(__file__).parent / "data" / "documents")
+DEMO_DOCUMENTS = str(Path(__file__).parents[1] / "data" / "documents")
 TOO_LONG = ("truncate", "error")
 
 
@@ -273,7 +273,7 @@ class Prompter:
 
 # ---- one tick ------------------------------------------------------------------------------------
 def _summary_rows(meta: dict[str, dict], gens: dict[str, dict], rid: str) -> list[dict]:
-    from .metrics import rouge2
+    from ..metrics import rouge2
 
     out = []
     for pid, m in meta.items():
@@ -364,7 +364,7 @@ def _generate_and_commit(cfg: SummarizeConfig, rid: str, plan: list[dict], manif
                          counts: dict, start: str, status: str) -> dict:
     """Generate the planned documents' summaries (resuming the run's committed batches), commit them,
     record them in the manifest and runs.parquet; returns the run's row."""
-    from .run import generations_path, run as run_pipeline
+    from ..run import generations_path, run as run_pipeline
 
     pcfg = pipeline_config(cfg, _p(cfg, "runs", rid))
     recs = [p["record"] for p in plan if p["record"]]
@@ -395,7 +395,7 @@ def _generate_and_commit(cfg: SummarizeConfig, rid: str, plan: list[dict], manif
                    docs_done=len(rows) - errors, docs_error=errors,
                    input_tokens=sum(r["num_input_tokens"] or 0 for r in rows), output_tokens=out_tokens,
                    tokens_per_s=out_tokens / wall if wall and out_tokens else None,
-                   speedup=metrics_all.get("speedup"), **counts)
+                   speedup=metrics_all.get("spec_gain"), **counts)
     _append_run(cfg, row)
     log.info("run %s: committed %d summaries (%d errors) to %s", rid, len(rows), errors, summaries_file(cfg, rid))
     return row

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from . import io as storage_io
+from .. import io as storage_io
 from .documents import Document
 
 ON_CHANGE = ("resummarize", "ignore")

@@ -11,7 +11,7 @@ skip-set policy (``metadata.dataset``, else ``serve.dataset``); with ``search.se
 
 Replicas: one GPU each where the cluster has GPUs (``serve.num_gpus``), else ``serve.num_cpus``
 cores; ``serve.num_replicas`` / ``serve.autoscaling_config`` / ``serve.max_ongoing_requests`` are
-Serve's own options. Protocol details: ``pipeline.openai_api``.
+Serve's own options. Protocol details: ``pipeline.serve.openai_api``.
 """
 
 import asyncio
@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from .config import JobSections, check, validate
+from ..config import JobSections, check, validate
 from .openai_api import ApiError, Limits, TextStream, chunk, new_id, now, parse_request, response, usage
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class ServeConfig(JobSections):
 
 
 def validate_serve(cfg: ServeConfig) -> ServeConfig:
-    from .config import InputConfig, OutputConfig, PipelineConfig
+    from ..config import InputConfig, OutputConfig, PipelineConfig
 
     validate(PipelineConfig(**{k: getattr(cfg, k) for k in JobSections.__dataclass_fields__},
                             input=InputConfig(), output=OutputConfig()))
@@ -174,7 +174,7 @@ class ConfLayersServer:
     def __init__(self, cfg: ServeConfig):
         from conflayers.scheduler import Scheduler
 
-        from .actor import GenerationActor
+        from ..actor import GenerationActor
 
         if cfg.engine.threads is None:
             cfg.engine.threads = max(1, int(cfg.serve.num_cpus))

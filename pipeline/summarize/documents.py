@@ -19,8 +19,8 @@ import hashlib
 import posixpath
 from dataclasses import dataclass
 
-from . import io as storage_io
-from .reader import RowError, file_format_of, is_missing, parse_records, reference_text
+from .. import io as storage_io
+from ..reader import RowError, file_format_of, is_missing, parse_records, reference_text
 
 TEXT_EXTS = ("txt", "md")
 TABLE_EXTS = ("jsonl", "json", "parquet", "csv")

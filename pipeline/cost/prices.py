@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from . import io as storage_io
-from .config import StorageConfig
+from .. import io as storage_io
+from ..config import StorageConfig
 
 
 @dataclass(frozen=True)

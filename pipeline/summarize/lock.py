@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 
-from . import io as storage_io
+from .. import io as storage_io
 
 CONCURRENCY = ("forbid", "replace")
 
