@@ -236,7 +236,7 @@ def summary_table(metrics: list[dict]) -> str:
     lines = [_cells(m) for m in metrics]
     left = (0, len(head) - 1)
     widths = [max(len(h), *(len(r[c]) for r in lines)) for c, h in enumerate(head)]
-    out = ["  ".join(v.ljust(w) if c in left else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths)))
+    out = ["  ".join(v.ljust(w) if c in left else v.rjust(w) for c, (v, w) in enumerate(zip(r, widths))).rstrip()
            for r in [head, *lines]]
     a = metrics[-1]
     startup = a.get("startup_seconds")

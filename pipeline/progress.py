@@ -91,8 +91,8 @@ class JobProgress:
                 from tqdm import tqdm
 
                 self._bar = tqdm(total=self.total, unit="row", file=self.stream, dynamic_ncols=True,
-                                 bar_format="{desc}{percentage:3.0f}%|{bar}| {n}/{total} rows [{postfix}]")
-                self._bar.set_description_str("generate ")
+                                 bar_format="{desc}: {percentage:3.0f}%|{bar}| {n}/{total} rows{postfix}")
+                self._bar.set_description_str("generate")
             self._bar.n = s.rows
             self._bar.set_postfix_str(f"{s.errors} errors, {s.tokens_per_s:.1f} tok/s, "
                                       f"{clock_text(s.elapsed)} elapsed, ETA {clock_text(s.eta)}", refresh=False)
