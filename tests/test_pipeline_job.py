@@ -124,6 +124,13 @@ def check_summary_recomputes(printed: str, metrics: list[dict], rows: list[dict]
         steps = sum(r["steps"] for r in ok)
         assert cells["tau"] == ratio(sum(r["accepted"] for r in ok) + steps, steps)
         assert cells["accept"] == ratio(sum(r["accepted"] for r in ok), sum(r["drafted"] for r in ok))
+        checked = [r["baseline_exact_match"] for r in base if r["baseline_exact_match"] is not None]
+        assert cells["exact"] == ratio(sum(checked), len(checked))
+        from rouge_score import rouge_scorer
+
+        scorer = rouge_scorer.RougeScorer(["rouge2"])
+        f1 = [scorer.score(r["reference"], r["generated_text"] or "")["rouge2"].fmeasure for r in ok if r["reference"]]
+        assert cells["rouge2"] == ratio(sum(f1), len(f1), ".3f")
         lskip = sum(r["layerskip_steps"] for r in ok)
         assert cells["ngram/lskip steps"] == \
             f"{sum(r['ngram_steps'] for r in ok) / steps:.0%}/{lskip / steps:.0%}"
