@@ -5,7 +5,7 @@ corpus on this Ray cluster, reads finished runs listed under ``runs``, predicts 
 ``predict`` from cost surfaces (this device's, measured after the grid, and any calibration files
 of other devices), prices every cell from ``prices.path`` and writes ``cost.md`` (table and
 recommendation), ``cost.parquet`` and ``pareto.png`` under ``output.path``.
-See ``pipeline.cost`` and the README's "Comparing cluster costs".
+See ``pipeline.cost`` and docs/cost.md.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ the union of the outputs holds every input id exactly once, and the rerun genera
 whose batch was not committed.
 
 Each test records its figures (faults injected, rows checked, lost, duplicated); ``pytest -s`` prints
-them as the table in the README's reliability section."""
+them as the table in docs/reliability.md ("Fault injection")."""
 
 from __future__ import annotations
 
