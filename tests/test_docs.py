@@ -115,8 +115,8 @@ def sections_and_keys(configs) -> tuple[set, set, set]:
 # ---------------------------------------------------------------- reading Markdown
 
 
-def prose_lines(text: str):
-    """``(line number, line)`` outside fenced code blocks and HTML comments."""
+def _lines(text: str):
+    """``(line number, line, in a fenced code block)`` for every line outside HTML comments and fences."""
     fence = None
     in_comment = False
     for no, line in enumerate(text.splitlines(), 1):
@@ -125,6 +125,8 @@ def prose_lines(text: str):
         if fence:
             if m and stripped.startswith(fence):
                 fence = None
+            else:
+                yield no, line, True
             continue
         if m:
             fence = m.group(1)
@@ -135,22 +137,17 @@ def prose_lines(text: str):
         if "<!--" in line and "-->" not in line.split("<!--", 1)[1]:
             in_comment = True
             line = line.split("<!--", 1)[0]
-        yield no, re.sub(r"<!--.*?-->", "", line)
+        yield no, re.sub(r"<!--.*?-->", "", line), False
+
+
+def prose_lines(text: str):
+    """``(line number, line)`` outside fenced code blocks and HTML comments."""
+    return ((no, line) for no, line, code in _lines(text) if not code)
 
 
 def code_lines(text: str):
     """``(line number, line)`` inside fenced code blocks."""
-    fence = None
-    for no, line in enumerate(text.splitlines(), 1):
-        stripped = line.lstrip()
-        m = re.match(r"(```+|~~~+)", stripped)
-        if fence:
-            if m and stripped.startswith(fence):
-                fence = None
-            else:
-                yield no, line
-        elif m:
-            fence = m.group(1)
+    return ((no, line) for no, line, code in _lines(text) if code)
 
 
 def slug(heading: str) -> str:
