@@ -98,7 +98,8 @@ class RayConfig:
     batch_size: int = 256
     num_cpus_per_actor: float = 1.0
     max_restarts: int = 3
-    max_task_retries: int = 3
+    max_task_retries: int = -1  # -1: while the actor restarts (bounded by max_restarts); a node's loss must not
+    # use up the retries in the seconds its actor takes to come back elsewhere
     batch_timeout_s: Optional[float] = None  # a batch still running after this long kills its actor (null: no limit) ...
     batch_attempts: int = 2  # ... and after this many timed-out attempts its rows are written as `timeout` error rows
     driver_ids: int = 100000  # resume filter: up to this many committed ids the driver ships them as one set (fast);

@@ -113,6 +113,12 @@ class Coordinator:
 
 
 def start_coordinator(name: str, namespace: str | None = None):
+    """The run's coordinator as a named actor on the driver's own node (no CPU taken). A node's loss
+    that takes the coordinator with it takes the driver too, which no Ray job survives; every other
+    node can go (an actor on a worker node would fail every generation actor that asks it)."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return ray.remote(num_cpus=0)(Coordinator).options(name=name, namespace=namespace, get_if_exists=True).remote()
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(Coordinator).options(name=name, namespace=namespace, get_if_exists=True,
+                                                       scheduling_strategy=here).remote()

@@ -183,6 +183,22 @@ def _uses_gpu(cfg: PipelineConfig) -> bool:
     return ray.cluster_resources().get("GPU", 0) > 0
 
 
+def _check_room(cfg: PipelineConfig, gpu: bool) -> None:
+    """CPU actors that take every CPU of the cluster leave none to the tasks that read the input and
+    feed them: Ray Data would wait forever with nothing printed. Refuse that before starting."""
+    import ray
+
+    if gpu:
+        return  # GPU actors take no CPU
+    r = cfg.ray
+    cpus, need = ray.cluster_resources().get("CPU", 0.0), r.concurrency * r.num_cpus_per_actor
+    if cpus - need < 1:
+        raise ValueError(
+            f"ray.concurrency={r.concurrency} x ray.num_cpus_per_actor={r.num_cpus_per_actor:g} = {need:g} CPUs leave "
+            f"{max(0.0, cpus - need):g} of the cluster's {cpus:g} to the tasks that read the input (at least 1 is "
+            f"needed, or the job waits forever): lower one of them, or add a node")
+
+
 def _merge_registry(cfg: PipelineConfig, sets: dict, model: dict) -> int:
     """Merge the searched per-dataset sets into the skip-set registry; returns entries written."""
     if not cfg.search.registry or cfg.search.searcher not in ("conflayers", "swift") or not model:
@@ -215,7 +231,9 @@ def run(cfg: PipelineConfig) -> list[dict]:
     files = storage_io.list_input_files(cfg.storage, cfg.input.path)
     if not cfg.output.resume:
         _clear_generations(cfg)
+    gpu = _uses_gpu(cfg)
     inputs = input_dataset(cfg, files)
+    _check_room(cfg, gpu)
     ds, done = without_committed(cfg, inputs)
     total = ds.count()  # reads the input once more (Ray tasks): cheap next to generating it
     log.info("input: %d file(s) from %s; %d row(s) to generate, %d id(s) already committed under %s", len(files),
@@ -231,7 +249,6 @@ def run(cfg: PipelineConfig) -> list[dict]:
     coord_name = f"conflayers-coordinator-{uuid.uuid4().hex[:8]}"
     coordinator = start_coordinator(coord_name)
     r = cfg.ray
-    gpu = _uses_gpu(cfg)
 
     ds = ds.repartition(target_num_rows_per_block=r.batch_size)  # one block per actor call: spread, and logged per batch
     with remote_args_accepted():
