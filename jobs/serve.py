@@ -7,7 +7,9 @@ then shuts Serve down. The same app under Serve's own CLI:
     serve run jobs.serve:app_builder config=configs/serve.yaml search.drafter=ngram
 
 (every argument but ``config`` is a ``key=value`` override; there Serve's own HTTP options, not
-``serve.host`` / ``serve.port``, decide where it listens: 127.0.0.1:8000 by default).
+``serve.host`` / ``serve.port`` / ``serve.request_timeout_s``, decide where it listens and when its proxy
+times a request out: 127.0.0.1:8000, no proxy timeout by default; the replica still ends a request at
+``serve.request_timeout_s``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ def start(cfg: ServeConfig) -> str:
     from ray import serve
 
     s = cfg.serve
-    serve.start(http_options={"host": s.host, "port": s.port})
+    # request_timeout_s: Serve's proxy answers 408 to a request not answered in time (queued included) and
+    # cancels it in the replica; the ingress enforces the same deadline where these options are not ours
+    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
     serve.run(build_app(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
     return f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
 

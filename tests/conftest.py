@@ -63,6 +63,7 @@ def ray_local():
     """A local Ray for one test module (the job tests run the pipeline on it in-process)."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False)
+    # a fresh local cluster even if another Ray runs on this machine (address=local never joins one)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, configure_logging=False)
     yield
     ray.shutdown()

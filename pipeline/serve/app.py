@@ -12,6 +12,22 @@ skip-set policy (``metadata.dataset``, else ``serve.dataset``); with ``search.se
 Replicas: one GPU each where the cluster has GPUs (``serve.num_gpus``), else ``serve.num_cpus``
 cores; ``serve.num_replicas`` / ``serve.autoscaling_config`` / ``serve.max_ongoing_requests`` are
 Serve's own options. Protocol details: ``pipeline.serve.openai_api``.
+
+Overload and timeouts use Serve's own mechanisms, which do the job: ``serve.max_queued_requests`` is the
+deployment's ``max_queued_requests`` (requests waiting in the proxy for a replica slot), and a request
+arriving when that queue is full gets 503 from the proxy with ``Retry-After`` (``backpressure_config``,
+``RETRY_AFTER_S``), before it costs the replica anything. ``serve.request_timeout_s`` is the proxy's
+HTTP ``request_timeout_s`` (set by ``jobs.serve.start``): past it the proxy answers 408, or closes a
+stream it had started, and cancels the call in the replica, whose handler then cancels its scheduler
+ticket exactly as for a client that went away (the slot frees at the next step). The replica also keeps
+a deadline of its own, ``generation_deadline`` after the request reaches it (a second before the
+proxy's, at most a tenth of it): a generation still running then is stopped with 504, or a stream ends
+with an error event and ``[DONE]``. So a stream that did not wait long in the queue ends cleanly rather
+than being cut, and no generation outlasts the timeout where the proxy's options are not ours (``serve
+run``, a Serve already running on the cluster, a client's ``x-request-timeout-seconds`` header). The
+replica cannot see how long the proxy queued a request, so a stream that waited there over a second and
+is still generating at the timeout is closed by the proxy without an error event. A replica that dies is
+restarted by Serve (its health check); the requests it held fail (500, or a stream cut off).
 """
 
 import asyncio
@@ -19,6 +35,7 @@ import copy
 import hmac
 import json
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -27,11 +44,14 @@ from typing import Any, Optional
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.config import BackpressureConfig
 
 from ..config import JobSections, check, validate
 from .openai_api import ApiError, Limits, TextStream, chunk, new_id, now, parse_request, response, usage
 
 log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1  # the Retry-After of a 503 over serve.max_queued_requests: a slot frees as a request ends
 
 
 @dataclass
@@ -46,6 +66,9 @@ class ServeSettings:
     num_replicas: Any = 1  # an integer, or "auto" (Serve autoscaling; see autoscaling_config)
     autoscaling_config: Optional[dict] = None  # Serve's, e.g. {min_replicas: 1, max_replicas: 4}
     max_ongoing_requests: int = 64  # per replica: requests over this wait in Serve's queue
+    max_queued_requests: int = 64  # Serve's queue (per proxy); a request arriving when it is full: 503 + Retry-After
+    request_timeout_s: float = 300.0  # a request not answered after this long gets 408 (504 / an error event if
+    # it is generating), its slot freed
     num_cpus: float = 1.0  # per replica (also its torch threads on CPU unless engine.threads is set)
     num_gpus: Optional[float] = None  # per replica; None: 1 where the cluster has GPUs, else 0
     max_prompt_tokens: int = 1024  # longer prompts get 400 (at most the model's context minus one); with
@@ -74,6 +97,11 @@ def validate_serve(cfg: ServeConfig) -> ServeConfig:
                                        and s.num_replicas >= 1),
           "serve.num_replicas", f"must be an integer >= 1 or auto, got {s.num_replicas!r}")
     check(s.max_ongoing_requests >= 1, "serve.max_ongoing_requests", f"must be >= 1, got {s.max_ongoing_requests}")
+    check(isinstance(s.max_queued_requests, int) and not isinstance(s.max_queued_requests, bool)
+          and s.max_queued_requests >= 1, "serve.max_queued_requests",
+          f"must be an integer >= 1 (requests waiting in Serve's queue), got {s.max_queued_requests!r}")
+    check(0 < s.request_timeout_s < math.inf, "serve.request_timeout_s",
+          f"must be a number of seconds > 0, got {s.request_timeout_s}")
     check(s.num_cpus > 0, "serve.num_cpus", f"must be > 0, got {s.num_cpus}")
     check(s.num_gpus is None or s.num_gpus >= 0, "serve.num_gpus", f"must be >= 0 or null, got {s.num_gpus}")
     check(s.max_prompt_tokens >= 1, "serve.max_prompt_tokens", f"must be >= 1, got {s.max_prompt_tokens}")
@@ -111,7 +139,7 @@ class _Metrics:
                                 tags + ("finished_reason",))
         self.tags = {"model_name": model}
         self.totals = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0, "drafted": 0, "accepted": 0,
-                       "aborted": 0, "aborted_tokens": 0}
+                       "aborted": 0, "aborted_tokens": 0, "timed_out": 0}
 
     def record(self, prompt_tokens: int, completion_tokens: int, stats, t0: float, first: float | None,
                finish: str) -> None:
@@ -155,6 +183,21 @@ def _failure(result) -> ApiError:
     if "KV" in (result.error or ""):
         return ApiError(400, f"the request does not fit this replica's KV cache: {result.error}", "max_tokens")
     return ApiError(500, f"generation failed: {result.error}", kind="server_error")
+
+
+def generation_deadline(timeout_s: float) -> float:
+    """Seconds from a request's arrival at the replica until the ingress stops it: a second (at most a tenth of
+    the timeout) before Serve's proxy would cut the connection at ``timeout_s``, so a stream ends with an error
+    event rather than a broken connection."""
+    return timeout_s - min(1.0, timeout_s / 10)
+
+
+async def _next(events: asyncio.Queue, deadline: float):
+    """The request's next event (a text delta or its result), or None once its deadline has passed."""
+    try:
+        return await asyncio.wait_for(events.get(), max(0.0, deadline - time.perf_counter()))
+    except asyncio.TimeoutError:  # the builtin TimeoutError only from Python 3.11
+        return None
 
 
 def _sse(obj) -> str:
@@ -261,6 +304,12 @@ class ConfLayersServer:
                            "messages" if req.chat else "prompt")
         return ids
 
+    def _timed_out(self) -> ApiError:
+        self.metrics.totals["timed_out"] += 1
+        return ApiError(504, f"the request did not finish within serve.request_timeout_s "
+                             f"({self.cfg.serve.request_timeout_s:g} s); its generation was stopped",
+                        kind="timeout_error")
+
     # -- routes ----------------------------------------------------------------------------
     @api.get("/healthz")
     async def healthz(self):
@@ -293,6 +342,7 @@ class ConfLayersServer:
         from conflayers import SamplingParams
 
         t0 = time.perf_counter()
+        deadline = t0 + generation_deadline(self.cfg.serve.request_timeout_s)
         try:
             self._auth(request)
             req = parse_request(await self._body(request), chat, self.model_name, self.limits)
@@ -338,7 +388,9 @@ class ConfLayersServer:
             try:
                 parts = []
                 while True:
-                    item = await events.get()
+                    item = await _next(events, deadline)
+                    if item is None:
+                        return error(self._timed_out())
                     if isinstance(item, str):
                         parts.append(item)
                         continue
@@ -354,7 +406,11 @@ class ConfLayersServer:
             try:
                 opening = True
                 while True:
-                    item = await events.get()
+                    item = await _next(events, deadline)
+                    if item is None:  # past the deadline: an error event ends the stream
+                        yield _sse(self._timed_out().body())
+                        yield "data: [DONE]\n\n"
+                        return
                     if isinstance(item, str):
                         yield _sse(chunk(req, rid, created, item, None, first=opening))
                         opening = False
@@ -384,6 +440,8 @@ def build_app(cfg: ServeConfig):
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": s.num_cpus, "num_gpus": num_gpus},
         "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,  # Serve's proxy answers 503 + Retry-After past it
+        "backpressure_config": BackpressureConfig(retry_after_s=RETRY_AFTER_S),
         "num_replicas": s.num_replicas,
     }
     if s.autoscaling_config is not None:
