@@ -1,6 +1,7 @@
 """ConfLayers: training-free self-speculative decoding by confidence-guided layer skipping."""
 
 from .controller import AutoDrafter, build_drafter
+from .corpus import CorpusDrafter, SuffixIndex
 from .costs import CostSurface
 from .drafters import DraftContext, Drafter, FixedSkip, LayerSkipDrafter, NoDrafter, Proposal, StepOutcome
 from .engine import Engine, GenerationConfig, Request, RowResult, RowStats
@@ -12,6 +13,7 @@ from .search import ConfLayersSearch, SearchConfig, SwiftSearch, make_policy
 
 __all__ = [
     "AutoDrafter",
+    "CorpusDrafter",
     "CostSurface",
     "NgramDrafter",
     "build_drafter",
@@ -28,6 +30,7 @@ __all__ = [
     "RowResult",
     "RowStats",
     "SamplingParams",
+    "SuffixIndex",
     "StepOutcome",
     "ConfLayersSearch",
     "SearchConfig",

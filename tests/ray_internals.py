@@ -2,8 +2,9 @@
 
 ``ray.cluster_utils.Cluster`` (Ray's own multi-node-on-one-machine test utility: ``add_node`` /
 ``remove_node``), the GCS health-check settings that make a lost node noticed in ~3 s instead of
-~30 s (``_system_config``), and ``ray.util.state.list_actors`` (the state API, alpha) to find the
-node an actor runs on. If a Ray upgrade moves one of them, only this file changes."""
+~30 s (``_system_config``), ``ray.util.state.list_actors`` (the state API, alpha) to find the
+node an actor runs on, ``ray drain-node`` (a hidden developer command) and the process title Ray
+gives a Serve replica's worker. If a Ray upgrade moves one of them, only this file changes."""
 
 from __future__ import annotations
 
@@ -82,3 +83,12 @@ def preempt_node(cluster, node, grace_s: int) -> None:
         raise RuntimeError(f"ray drain-node failed: {done.stderr[-2000:]}")
     time.sleep(grace_s)
     remove_node(cluster, node)
+
+
+def replica_pids_by_process_title(app: str, deployment: str) -> list[int]:
+    """A Serve deployment's replica processes, found by the title Ray gives an actor's worker process
+    (``ray::ServeReplica:<app>:<deployment>``): Ray's naming, not a public API."""
+    import psutil
+
+    return [p.pid for p in psutil.process_iter(["cmdline"])
+            if f"ServeReplica:{app}:{deployment}" in " ".join(p.info["cmdline"] or [])]

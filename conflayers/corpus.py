@@ -1,0 +1,399 @@
+"""Corpus drafts: a token suffix index over a dataset's finished outputs, and a drafter that uses it.
+
+``SuffixIndex`` answers "which tokens followed the longest suffix of this row's recent tokens in the
+outputs finished so far, and how often?" (SuffixDecoding's global tree, arXiv 2411.04975). It is a
+**suffix automaton** over the retained outputs joined by a separator (``SEP``, never a token; a
+query holds no separator, so no match crosses two outputs). Why an automaton and not a
+bounded-depth suffix trie: the trie holds every distinct substring up to its depth (up to
+``depth`` nodes per token, far past 64 bytes a token in Python), the automaton at most 2 states and
+3 transitions per token, each appended token costs amortised O(1) to add, and matching a row's
+recent tokens costs O(tokens read).
+
+Counts: ``occ[v]`` is the number of places the strings of state ``v`` occur. It is kept exact, as
+tokens are appended, for the states whose shortest string has at most ``depth`` tokens (the ones a
+query can reach: matches are cut to ``depth - 1`` tokens, continuations add one); an appended
+token adds one to the states on the suffix-link path of its last ``depth`` tokens, at most
+``depth`` states. So ``add`` costs O(len(tokens) * depth) at worst, O(len(tokens)) amortised
+with the depth fixed, and memory is O(tokens).
+
+Draft rule (``propose``): match the longest suffix ``s`` of the context (at most ``depth - 1``
+tokens) that some output continues; then walk greedily: the next token is the one that most often
+followed ``s`` (ties: the smallest token id), its share is its count over all occurrences of ``s``
+(an occurrence at an output's end counts as "no continuation"); keep it while the product of the
+shares along the path (an estimate that the whole draft is right) stays >= ``min_prob``; ``s``
+becomes ``s + token`` (its first token dropped past ``depth - 1``). At most ``match length +
+slack`` tokens (a long match predicts a long copy; copies are bimodal), nor ``max_tokens``; a match
+shorter than ``min_match`` drafts nothing.
+
+Bound: at most ``max_tokens_indexed`` tokens (separators included). An add that would pass it
+evicts the oldest outputs until at most half the cap is kept with the new one, and rebuilds the
+automaton from them: a rebuild of <= cap/2 tokens happens at most once per cap/2 tokens added, so
+updates stay amortised O(new tokens). An output longer than the cap keeps its first cap - 1 tokens.
+
+``to_bytes``/``from_bytes`` store a version, a model/tokenizer ``key`` and the retained outputs
+(with a CRC); loading rebuilds the automaton. Another key or a damaged payload is a ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import zlib
+from array import array
+from collections import deque
+from collections.abc import Sequence
+
+from .drafters import DraftContext, Proposal, StepOutcome
+from .ngram import NgramDrafter, proposal_from
+
+SEP = -1  # between outputs; never a token id
+_NONE, _MULTI = -2, -3  # head[v]: no transition / transitions in big[v]
+BIG = 32  # edges kept in a state's list before they move to a dict
+MAGIC = b"CLSX"
+VERSION = 1
+
+
+class SuffixIndex:
+    def __init__(self, max_tokens_indexed: int = 1 << 20, depth: int = 32, key: str = "",
+                 min_prob: float = 0.1, slack: int = 2, min_match: int = 1):
+        if max_tokens_indexed < 2:
+            raise ValueError(f"max_tokens_indexed must be >= 2, got {max_tokens_indexed!r}")
+        if depth < 2:
+            raise ValueError(f"depth must be >= 2, got {depth!r}")
+        if not 0.0 <= min_prob <= 1.0:
+            raise ValueError(f"min_prob must be in [0, 1], got {min_prob!r}")
+        self.cap, self.depth, self.key = int(max_tokens_indexed), int(depth), str(key)
+        self.min_prob, self.slack, self.min_match = float(min_prob), int(slack), int(min_match)
+        self.outputs: deque[array] = deque()  # retained outputs, oldest first
+        self.tokens_indexed = 0  # retained tokens + one separator per output
+        self.rebuilds = 0
+        self._reset()
+
+    # -- the automaton ------------------------------------------------------------------------
+    # Transitions: a state's edges are a linked list in three flat int arrays (12 bytes an edge);
+    # a state with more than BIG edges (the root, frequent tokens) moves them to a dict.
+    def _reset(self) -> None:
+        self.len = array("i", [0])
+        self.link = array("i", [-1])
+        self.occ = array("i", [0])
+        self.head = array("i", [_NONE])  # first edge of a state's list, _NONE, or _MULTI (in self.big)
+        self.e_tok, self.e_to, self.e_next = array("i"), array("i"), array("i")
+        self.big: dict[int, dict[int, int]] = {}
+        self.last = 0
+        self.win, self.win_len = 0, 0  # the state of the text's last min(len, depth) tokens
+
+    def _new(self, length: int, link: int, occ: int = 0) -> int:
+        self.len.append(length)
+        self.link.append(link)
+        self.occ.append(occ)
+        self.head.append(_NONE)
+        return len(self.len) - 1
+
+    def _next(self, v: int, c: int) -> int:
+        h = self.head[v]
+        if h == _MULTI:
+            return self.big[v].get(c, -1)
+        e_tok, e_next = self.e_tok, self.e_next
+        while h >= 0:
+            if e_tok[h] == c:
+                return self.e_to[h]
+            h = e_next[h]
+        return -1
+
+    def _set(self, v: int, c: int, u: int) -> None:
+        h = self.head[v]
+        if h == _MULTI:
+            self.big[v][c] = u
+            return
+        n = 0
+        while h >= 0:
+            if self.e_tok[h] == c:
+                self.e_to[h] = u
+                return
+            n += 1
+            h = self.e_next[h]
+        if n >= BIG:
+            d = self._edges(v)
+            d[c] = u
+            self.big[v] = d
+            self.head[v] = _MULTI
+            return
+        self.e_tok.append(c)
+        self.e_to.append(u)
+        self.e_next.append(self.head[v])
+        self.head[v] = len(self.e_tok) - 1
+
+    def _edges(self, v: int) -> dict[int, int]:
+        h = self.head[v]
+        if h == _MULTI:
+            return self.big[v]
+        out = {}
+        while h >= 0:
+            out[self.e_tok[h]] = self.e_to[h]
+            h = self.e_next[h]
+        return out
+
+    def _copy_edges(self, q: int, clone: int) -> None:
+        if self.head[q] == _MULTI:
+            self.big[clone] = dict(self.big[q])
+            self.head[clone] = _MULTI
+            return
+        h = self.head[q]
+        while h >= 0:
+            self.e_tok.append(self.e_tok[h])
+            self.e_to.append(self.e_to[h])
+            self.e_next.append(self.head[clone])
+            self.head[clone] = len(self.e_tok) - 1
+            h = self.e_next[h]
+
+    def _append(self, c: int) -> None:
+        ln, link = self.len, self.link
+        cur = self._new(ln[self.last] + 1, -1)
+        p = self.last
+        while p != -1 and self._next(p, c) == -1:
+            self._set(p, c, cur)
+            p = link[p]
+        if p == -1:
+            link[cur] = 0
+        else:
+            q = self._next(p, c)
+            if ln[p] + 1 == ln[q]:
+                link[cur] = q
+            else:
+                clone = self._new(ln[p] + 1, link[q], self.occ[q])
+                self._copy_edges(q, clone)
+                while p != -1 and self._next(p, c) == q:
+                    self._set(p, c, clone)
+                    p = link[p]
+                link[q] = link[cur] = clone
+        self.last = cur
+        # the window: the state of the last min(len, depth) tokens (re-found after a split), then
+        # one more occurrence for every state on its suffix-link path (all counted states ending here)
+        w, wl = self.win, self.win_len
+        if wl == self.depth:
+            wl -= 1
+        while w and ln[link[w]] >= wl:
+            w = link[w]
+        w, wl = self._next(w, c), wl + 1
+        self.win, self.win_len = w, wl
+        occ = self.occ
+        while w > 0:
+            occ[w] += 1
+            w = link[w]
+
+    def _index(self, tokens) -> None:
+        for c in tokens:
+            self._append(c)
+        self._append(SEP)
+
+    # -- updates ------------------------------------------------------------------------------
+    def add(self, tokens: Sequence[int]) -> None:
+        """Index one finished output (amortised O(len(tokens)))."""
+        out = array("i", tokens[: self.cap - 1])
+        if not out:
+            return
+        if min(out) < 0:
+            raise ValueError(f"token ids must be >= 0, got {min(out)}")
+        need = len(out) + 1
+        if self.tokens_indexed + need > self.cap:
+            while self.outputs and self.tokens_indexed + need > self.cap // 2:
+                self.tokens_indexed -= len(self.outputs.popleft()) + 1
+            self._reset()
+            self.rebuilds += 1
+            for o in self.outputs:
+                self._index(o)
+        self.outputs.append(out)
+        self.tokens_indexed += need
+        self._index(out)
+
+    # -- queries ------------------------------------------------------------------------------
+    def _match(self, context: Sequence[int]) -> tuple[int, int]:
+        """(state, length) of the longest suffix of ``context`` (<= depth - 1 tokens) that some
+        output continues; (0, 0) if none."""
+        ln, link = self.len, self.link
+        v = l = 0
+        for c in context[-(self.depth - 1):]:
+            while v and self._next(v, c) == -1:
+                v = link[v]
+                l = ln[v]
+            u = self._next(v, c)
+            if u == -1:
+                v = l = 0
+            else:
+                v, l = u, l + 1
+        while v and not self._counts(v):
+            v = link[v]
+            l = ln[v]
+        return v, l
+
+    def _counts(self, v: int) -> dict[int, int]:
+        return {t: self.occ[u] for t, u in self._edges(v).items() if t != SEP}
+
+    def longest_match(self, context: Sequence[int]) -> tuple[int, dict[int, int]]:
+        """The length of the longest continued suffix of ``context`` and {next token: count}."""
+        v, l = self._match(context)
+        return l, (self._counts(v) if l else {})
+
+    def propose(self, context: Sequence[int], max_tokens: int) -> list[int]:
+        """The most frequent continuation of the longest matched suffix (the rule in the module doc)."""
+        if max_tokens <= 0 or self.tokens_indexed == 0:
+            return []
+        v, l = self._match(context)
+        if l < max(self.min_match, 1):
+            return []
+        limit = min(max_tokens, l + self.slack)
+        draft: list[int] = []
+        prob = 1.0
+        while len(draft) < limit:
+            counts = self._counts(v)
+            if not counts:
+                break
+            t = min(counts, key=lambda x: (-counts[x], x))
+            prob *= counts[t] / self.occ[v]
+            if prob < self.min_prob:
+                break
+            draft.append(t)
+            v, l = self._next(v, t), l + 1
+            if l > self.depth - 1:
+                l = self.depth - 1
+                while self.len[self.link[v]] >= l:
+                    v = self.link[v]
+        return draft
+
+    def memory_bytes(self) -> int:
+        """An estimate: the automaton's arrays, its branching states' dicts, the retained outputs."""
+        arrays = sum(a.buffer_info()[1] * a.itemsize
+                     for a in (self.len, self.link, self.occ, self.head, self.e_tok, self.e_to, self.e_next))
+        # a dict's table, its key and value ints, and its slot in self.big
+        dicts = sum(sys.getsizeof(d) + 56 * len(d) + 100 for d in self.big.values())
+        outs = sum(64 + 4 * len(o) for o in self.outputs)
+        return arrays + dicts + outs
+
+    @property
+    def states(self) -> int:
+        return len(self.len)
+
+    # -- persistence --------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        key = self.key.encode()
+        body = bytearray(struct.pack("<IIdiiI", self.cap, self.depth, self.min_prob, self.slack,
+                                     self.min_match, len(self.outputs)))
+        for o in self.outputs:
+            body += struct.pack("<I", len(o))
+            body += o.tobytes() if _LITTLE else _swap(o).tobytes()
+        head = MAGIC + struct.pack("<HH", VERSION, len(key)) + key
+        return head + bytes(body) + struct.pack("<I", zlib.crc32(body))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, key: str | None = None, max_tokens_indexed: int | None = None) -> "SuffixIndex":
+        """Load an index; ``key`` (the model/tokenizer it must be for) refuses any other. Damaged
+        data raises ``ValueError``. ``max_tokens_indexed`` overrides the stored cap (the oldest
+        outputs past a smaller cap are dropped)."""
+        try:
+            data = bytes(data)
+        except TypeError as e:
+            raise ValueError(f"corpus index payload must be bytes, got {type(data).__name__}") from e
+        if data[:4] != MAGIC:
+            raise ValueError("not a corpus index (bad magic bytes)")
+        if len(data) < 8:
+            raise ValueError("corpus index is truncated (no header)")
+        version, klen = struct.unpack_from("<HH", data, 4)
+        if version != VERSION:
+            raise ValueError(f"corpus index has version {version}; this code reads version {VERSION}")
+        if len(data) < 8 + klen + 4:
+            raise ValueError("corpus index is truncated (header)")
+        try:
+            found = data[8 : 8 + klen].decode()
+        except UnicodeDecodeError as e:
+            raise ValueError("corpus index is damaged (its key is not text)") from e
+        if key is not None and found != key:
+            raise ValueError(f"corpus index was built for {found!r}, not for {key!r}: refusing it")
+        body, crc = data[8 + klen : -4], data[-4:]
+        if struct.unpack("<I", crc)[0] != zlib.crc32(body):
+            raise ValueError("corpus index is damaged (checksum mismatch)")
+        try:
+            cap, depth, min_prob, slack, min_match, n = struct.unpack_from("<IIdiiI", body, 0)
+            pos, outs = struct.calcsize("<IIdiiI"), []
+            for _ in range(n):
+                (m,) = struct.unpack_from("<I", body, pos)
+                pos += 4
+                if pos + 4 * m > len(body):
+                    raise ValueError("an output runs past the end")
+                o = array("i")
+                o.frombytes(body[pos : pos + 4 * m])
+                outs.append(o if _LITTLE else _swap(o))
+                pos += 4 * m
+            if pos != len(body):
+                raise ValueError("trailing bytes")
+            ix = cls(max_tokens_indexed or cap, depth, found, min_prob, slack, min_match)
+        except (struct.error, ValueError, OverflowError) as e:
+            raise ValueError(f"corpus index is damaged ({e})") from e
+        for o in outs:
+            ix.add(o)
+        return ix
+
+
+_LITTLE = array("i", [1]).tobytes()[0] == 1
+
+
+def _swap(a: array) -> array:
+    b = array("i", a)
+    b.byteswap()
+    return b
+
+
+class CorpusDrafter:
+    """Per-row n-gram lookup (``NgramDrafter``) combined with a ``SuffixIndex`` over the corpus.
+
+    Each row gets the longer of its two drafts; a tie goes to the row's own n-gram draft (it reads
+    this row's text, the index only other rows'). Proposals are deterministic (``q=None``), so the
+    engine's rejection rule keeps sampling exact.
+
+    Learning: ``observe`` adds each row that finished this step to the index (its output; with
+    ``learn_prompts`` its prompt + output): a row finished when it reached its budget or committed
+    a stop token. The drafter cannot see rows ended by a ``Request.on_tokens`` callback (stop
+    strings, aborts) nor rows that finished on their first token (never drafted): the owner of
+    the drafter adds those, or outputs pooled from elsewhere, with ``learn(tokens)``.
+    """
+
+    name = "corpus"
+
+    def __init__(self, index: SuffixIndex | None = None, ngram: NgramDrafter | None = None,
+                 max_tokens: int = 8, learn_finished: bool = True, learn_prompts: bool = False):
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        self.index = index if index is not None else SuffixIndex()
+        self.ngram = ngram if ngram is not None else NgramDrafter(max_tokens=max_tokens)
+        self.max_tokens = max_tokens
+        self.learn_finished, self.learn_prompts = learn_finished, learn_prompts
+        self.stop_ids: frozenset[int] = frozenset()
+        self.picked = {"ngram": 0, "corpus": 0}  # rows whose draft came from each source
+
+    def learn(self, tokens: Sequence[int]) -> None:
+        self.index.add(tokens)
+
+    def candidates(self, histories: list[list[int]], limits: list[int]) -> list[list[int]]:
+        limits = [min(int(m), self.max_tokens) for m in limits]
+        own = self.ngram.candidates(histories, limits)
+        drafts = []
+        for hist, limit, d in zip(histories, limits, own):
+            c = self.index.propose(hist, limit) if limit > 0 else []
+            if c and len(c) > len(d):
+                drafts.append(c)
+                self.picked["corpus"] += 1
+            else:
+                drafts.append(d)
+                self.picked["ngram"] += bool(d)
+        return drafts
+
+    def propose(self, ctx: DraftContext) -> Proposal:
+        self.stop_ids = ctx.stop_ids
+        drafts = self.candidates(ctx.histories, ctx.max_draft.tolist())
+        return proposal_from(drafts, ctx.last_tokens.device, self.name)
+
+    def observe(self, outcome: StepOutcome) -> None:
+        if not self.learn_finished or not outcome.generated:
+            return
+        for hist, n, budget, k in zip(outcome.histories, outcome.generated, outcome.budget, outcome.committed):
+            if n >= budget or (k and hist[-1] in self.stop_ids):
+                self.index.add(hist if self.learn_prompts else hist[len(hist) - n :])
