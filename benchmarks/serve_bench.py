@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from datetime import datetime, timezone
@@ -141,24 +140,30 @@ def main():
                          f"{same:.2f}"])
     head = ["method", "tokens", "wall s", "tok/s", "TTFT p50 / p95 s", "latency p50 / p95 s", "same text as offline"]
     out = table(head, rows)
-    print(out)
+    finish(args.out, "The online endpoint vs the offline engine",
+           f"SmolLM2-135M-Instruct float32, drafter auto, greedy, {args.prompts} Spec-Bench prompts, "
+           f"{args.max_new_tokens} new tokens at most, {args.threads} torch threads.\n"
+           f"Offline latency counts from the start (all prompts arrive at once); serve latency per request.", out,
+           {f"{m} c{c}": {k: v for k, v in r.items() if k != "texts"} for (m, c), r in results.items()})
+
+
+def finish(out_dir: str | None, title: str, what: str, out: str, results) -> None:
+    """Print the table, shut Serve and Ray down, and (``out_dir``) write ``table.md`` (the command, the
+    date, the machine, ``what`` was run, the table) and ``results.json``."""
+    import ray
     from ray import serve
 
+    print(out)
     serve.shutdown()
     ray.shutdown()
-    if args.out:
-        d = Path(args.out)
+    if out_dir:
+        d = Path(out_dir)
         d.mkdir(parents=True, exist_ok=True)
-        cmd = "python benchmarks/serve_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        cmd = f"python benchmarks/{Path(sys.argv[0]).name} " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         (d / "table.md").write_text(
-            f"# The online endpoint vs the offline engine\n\n`{cmd}`\n\n"
-            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()} ({os.cpu_count()} cores, "
-            f"{platform.python_version()}), SmolLM2-135M-Instruct float32, drafter auto, greedy, "
-            f"{args.prompts} Spec-Bench prompts, {args.max_new_tokens} new tokens at most, {args.threads} torch threads.\n"
-            f"Offline latency counts from the start (all prompts arrive at once); serve latency per request.\n\n"
-            f"{out}\n")
-        (d / "results.json").write_text(json.dumps(
-            {f"{m} c{c}": {k: v for k, v in r.items() if k != "texts"} for (m, c), r in results.items()}, indent=1))
+            f"# {title}\n\n`{cmd}`\n\n{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()} "
+            f"({os.cpu_count()} cores, {platform.python_version()}), {what}\n\n{out}\n")
+        (d / "results.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

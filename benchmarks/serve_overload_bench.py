@@ -26,19 +26,16 @@ import argparse
 import asyncio
 import json
 import os
-import platform
-import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serve_bench import pct  # noqa: E402
+from serve_bench import finish, pct  # noqa: E402
 
 KINDS = ("ok", "rejected", "timeout", "other", "hung")
 
@@ -174,7 +171,6 @@ def main():
     from engine_bench import load_prompts, table
     from jobs.generate import load_config
     from jobs.serve import start
-    from kernel_bench import cpu_name
     from pipeline.serve.app import ServeConfig, served_model_name, validate_serve
 
     cfg = load_config(None, [f"serve.port={args.port}", f"engine.threads={args.threads}",
@@ -207,19 +203,8 @@ def main():
     head = ["load", "clients", "requests", "200", "503", "timeout (closed)", "other", "hung", "TTFT p50 / p99 s",
             "ITL p50 / p99 ms", "longest s", "wall s"]
     out = table(head, rows)
-    print(out)
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
-    if args.out:
-        d = Path(args.out)
-        d.mkdir(parents=True, exist_ok=True)
-        cmd = "python benchmarks/serve_overload_bench.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        (d / "table.md").write_text(
-            f"# The online endpoint under overload\n\n`{cmd}`\n\n"
-            f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {cpu_name()} ({os.cpu_count()} cores, "
-            f"{platform.python_version()}), SmolLM2-135M-Instruct float32, drafter auto, greedy streamed chat "
+    finish(args.out, "The online endpoint under overload",
+           f"SmolLM2-135M-Instruct float32, drafter auto, greedy streamed chat "
             f"completions of Spec-Bench prompts, {args.max_new_tokens} new tokens at most, {args.threads} torch "
             f"threads; one replica: serve.max_ongoing_requests={args.max_ongoing}, "
             f"serve.max_queued_requests={args.max_queued}, serve.request_timeout_s={args.timeout:g}. Load kx: "
@@ -228,8 +213,8 @@ def main():
             f"504 error event or (closed) a stream closed by Serve's proxy at the timeout, without an error "
             f"event; hung: no end within {limit:g} s. TTFT and ITL "
             f"(the gap between streamed chunks) over the 200s; longest: the slowest request of any kind."
-            f"{' ' + args.note if args.note else ''}\n\n{out}\n")
-        (d / "results.json").write_text(json.dumps({"args": vars(args), "levels": results}, indent=1))
+            f"{' ' + args.note if args.note else ''}", out,
+           {"args": vars(args), "levels": results})
 
 
 if __name__ == "__main__":
