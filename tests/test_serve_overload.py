@@ -169,4 +169,4 @@ def test_a_replica_killed_under_load_fails_its_requests_and_serve_restarts_it(se
     print(f"\nreplica SIGKILLed with 2 in flight: {[f'{o.status}/{o.kind}' for o in out]}; "
           f"requests while it restarted {dict(tries)}; first 200 {ok:.1f} s after the kill")
     assert ok is not None
-    assert replica_pids_by_process_title() not in ([], [old])
+    assert ri.replica_pids_by_process_title("conflayers", "ConfLayersServer") not in ([], [old])
