@@ -136,7 +136,8 @@ def test_requests_past_the_timeout_get_504_or_408_and_free_their_slots(served):
     assert (o.kind, o.status) == ("timeout", 200) and o.gaps and o.seconds < T + 0.5, o
     h = idle(served)
     assert h["in_flight"] == 0
-    assert h["served"]["timed_out"] == before["timed_out"] + 3 and h["served"]["aborted"] >= before["aborted"] + 3
+    # the 3 that were generating when their deadline came (the queued one may also reach the replica late)
+    assert h["served"]["timed_out"] >= before["timed_out"] + 3 and h["served"]["aborted"] >= before["aborted"] + 3
     (o,) = run(served, [body(4, 5, False)])  # the slots are free again
     assert o.kind == "ok", o
 
