@@ -5,8 +5,9 @@ A head with no CPUs runs the driver and the coordinator (pinned to the driver's 
 (``ray.concurrency=2``, 1 CPU each, so each node keeps a CPU for the read tasks). A worker node
 that holds a generation actor is killed outright (raylet and every process on it) once the job
 has committed a batch. Each scenario checks: every input id exactly once in the outputs, the
-batch files committed before the loss untouched (same mtime), the metrics consistent with the
-generations, and how long the job took to finish after the loss (the figures in
+batch files committed before the loss still there (one whose result the lost node had not handed
+back yet may be redone and rewritten under its own name, the same rows: counted), the metrics
+consistent with the generations, and how long the job took to finish after the loss (the figures in
 docs/reliability.md, printed with ``pytest -s``). Ray internals used: ``tests/ray_internals.py``."""
 
 from __future__ import annotations
@@ -76,9 +77,12 @@ def run_losing_a_node(cluster, job, gen: Path, after_loss=None, lose=None) -> di
     thread.join(timeout=300)
     assert not thread.is_alive(), "the job did not finish within 300 s of losing a node"
     assert "error" not in result, f"the job failed after losing a node: {result.get('error')!r}"
-    untouched = {f: t for f, t in committed(gen).items() if f in before}
-    assert untouched == before, "a batch committed before the loss was rewritten or removed"
-    return {"value": result["value"], "committed_before_loss": len(before),
+    after = committed(gen)
+    assert set(before) <= set(after), "a batch committed before the loss was removed"
+    # a batch whose file landed but whose result the lost node never handed back is redone by Ray and its file
+    # rewritten under the same name (the name is a hash of its ids: the same rows, never a second copy)
+    rewritten = sum(after[f] != t for f, t in before.items())
+    return {"value": result["value"], "committed_before_loss": len(before), "rewritten_same_ids": rewritten,
             "recovery_s": round(time.monotonic() - t_loss, 1)}
 
 
@@ -108,7 +112,8 @@ def generation_job(cluster, tiny_dir, tmp_path, name: str, after_loss=None, lose
     rows = exactly_once(out / "generations", ids)
     check_metrics(fig["value"], rows)
     FIGURES.append({"scenario": name, "rows": ROWS, "lost": 0, "duplicated": 0,
-                    "committed_before_loss": fig["committed_before_loss"], "recovery_s": fig["recovery_s"]})
+                    "committed_before_loss": fig["committed_before_loss"],
+                    "rewritten_same_ids": fig["rewritten_same_ids"], "recovery_s": fig["recovery_s"]})
 
 
 def test_a_worker_node_lost_and_a_new_one_added(cluster, tiny_dir, tmp_path):
@@ -165,7 +170,8 @@ def test_a_summarization_tick_that_loses_a_worker_node(cluster, tiny_dir, tmp_pa
     assert sorted(names) == sorted(f"d{i:02d}.txt" for i in range(ROWS))
     assert all(r["error_type"] is None and r["num_generated_tokens"] > 0 for r in summaries)
     FIGURES.append({"scenario": "summarization tick, worker node lost", "rows": ROWS, "lost": 0, "duplicated": 0,
-                    "committed_before_loss": fig["committed_before_loss"], "recovery_s": fig["recovery_s"]})
+                    "committed_before_loss": fig["committed_before_loss"],
+                    "rewritten_same_ids": fig["rewritten_same_ids"], "recovery_s": fig["recovery_s"]})
 
 
 def test_actors_that_would_take_every_cpu_are_refused(cluster, tiny_dir, tmp_path):
