@@ -10,7 +10,9 @@ controller predicts the batch's tokens/s for
 - ``ngram``: every row's prompt-lookup draft (``ngram.NgramDrafter``, no model cost), cut to a
   common verify width ``Q``: ``Σ_b E(α_b, min(len_b, Q - 1)) / S(w, Q)`` for each ``Q``; rows with
   longer drafts are cut to ``Q - 1`` and the best ``Q`` wins, so a row whose draft would widen the
-  verify without paying for it is cut;
+  verify without paying for it is cut. With a ``corpus.CorpusDrafter`` each row's draft is the
+  longer of its n-gram draft and its dataset's corpus draft (``corpus`` in the decisions when any
+  row's is), each with its own acceptance estimate;
 - ``layerskip`` for one group's rows (the group's ``LayerSkipDrafter``, its searcher's skip set),
   draft length ``γ``: ``(Σ_{b in group} E(α_g, γ) + rows outside) / (γ D(w, m) + S(w, γ + 1))``;
 
@@ -20,7 +22,9 @@ Acceptance is estimated online, as a per-token Bernoulli rate: each verified dra
 with ``a`` accepted tokens counts ``a`` successes and one failure if ``a < l`` (a layer-skip draft
 pass that proposed nothing, its first token below the stop threshold, counts one failure); older
 steps weigh less (a row copies its input in one stretch and not in the next). n-gram: per row, shrunk toward
-its group's pooled rate (a per-dataset prior). Layer skip: per group, decayed so it
+its group's pooled rate (a per-dataset prior). Corpus: per group and match length (<= 2, 3-5,
+6-11, >= 12 tokens matched; priors 0.3 to 0.85): copies from other rows are bimodal, a long match
+runs long, a short one fails at once, so the match length is what predicts a draft. Layer skip: per group, decayed so it
 follows the searcher's changing sets, starting from an optimistic prior so a set gets tried.
 Measured verify times refine the surface (``CostSurface.observe``).
 
@@ -44,7 +48,13 @@ from .costs import CostSurface, expected_tokens
 from .drafters import DraftContext, Drafter, Proposal, StepOutcome
 from .ngram import NgramDrafter, proposal_from
 
-DRAFTERS = ("auto", "ngram", "layerskip", "none")
+DRAFTERS = ("auto", "ngram", "corpus", "layerskip", "none")
+MATCH_BUCKETS = (2, 5, 11)  # corpus match lengths <= 2, 3-5, 6-11, >= 12 tokens: one acceptance rate each
+MATCH_PRIORS = (0.3, 0.5, 0.7, 0.85)  # longer matches copy longer (copies run long or fail at once)
+
+
+def match_bucket(match: int) -> int:
+    return sum(match > b for b in MATCH_BUCKETS)
 
 
 class _Rate:
@@ -82,6 +92,7 @@ class AutoDrafter:
         assumed_skip_ratio: float = 0.5,
         max_draft_len: int = 8,
         search_gain: float = 1.15,
+        corpus=None,
     ):
         if margin < 1.0:
             raise ValueError(f"margin must be >= 1, got {margin}")
@@ -96,6 +107,11 @@ class AutoDrafter:
         self.assumed_skip_ratio = assumed_skip_ratio
         self.max_draft_len = max_draft_len
         self.search_gain = search_gain
+        self.corpus = corpus  # a conflayers.corpus.CorpusDrafter: per row the longer of n-gram and corpus drafts
+        if corpus is not None:
+            self.ngram = corpus.ngram
+        self._cp_groups: dict[tuple[str, int], _Rate] = {}
+        self._stop_ids: frozenset[int] = frozenset()
         self.ls_forget = 0.995  # per step a group's layer-skip evidence is not renewed (half-life ~140 steps)
         self._ng_rows: dict[int, _Rate] = {}
         self._ng_groups: dict[str, _Rate] = {}
@@ -132,6 +148,19 @@ class AutoDrafter:
     def _ngram_alpha(self, hist: list[int], group: str) -> float:
         return self._ng_row(hist).value(prior=self._ng_group(group).value())
 
+    def _cp_rate(self, group: str, match: int) -> _Rate:
+        b = match_bucket(match)
+        return self._cp_groups.setdefault((group, b), _Rate(MATCH_PRIORS[b], 2.0, decay=0.98))
+
+    def _copy_drafts(self, ctx: DraftContext, groups: list[str], limits: list[int]):
+        """Per row: (draft, source, corpus match length, estimated per-token acceptance)."""
+        if self.corpus is None:
+            drafts = self.ngram.candidates(ctx.histories, limits)
+            return [(d, "ngram", 0, self._ngram_alpha(h, g)) for d, h, g in zip(drafts, ctx.histories, groups)]
+        items = self.corpus.drafts(ctx.histories, limits, groups)
+        return [(d, src, m, self._cp_rate(g, m).value() if src == "corpus" else self._ngram_alpha(h, g))
+                for (d, src, m), h, g in zip(items, ctx.histories, groups)]
+
     def plan(self, ctx: DraftContext) -> dict:
         """The step's decision: {"drafter", "k", "rate", "plain_rate", "speedup", ...}."""
         s = self.surface
@@ -141,13 +170,14 @@ class AutoDrafter:
         plain = s.plain_rate(w)
         best = {"drafter": "none", "k": 0, "rate": plain}
         if self.ngram is not None and max(limits, default=0) > 0:
-            drafts = self.ngram.candidates(ctx.histories, limits)
-            alphas = [self._ngram_alpha(h, g) for h, g in zip(ctx.histories, groups)]
+            items = self._copy_drafts(ctx, groups, limits)
+            drafts = [d for d, _, _, _ in items]
             for q in range(2, max(map(len, drafts)) + 2):
-                tokens = sum(expected_tokens(a, min(len(d), q - 1)) for a, d in zip(alphas, drafts))
+                tokens = sum(expected_tokens(a, min(len(d), q - 1)) for d, _, _, a in items)
                 rate = tokens / s.seconds(w, q)
                 if rate > best["rate"]:
-                    best = {"drafter": "ngram", "k": q - 1, "rate": rate, "drafts": drafts}
+                    best = {"drafter": "ngram", "k": q - 1, "rate": rate, "drafts": drafts,
+                            "sources": [src for _, src, _, _ in items], "matches": [m for _, _, m, _ in items]}
         fallback = best if best["rate"] >= plain * self.margin else {"drafter": "none", "k": 0, "rate": plain}
         can_pay, optimistic = self.layer_skip_can_pay(w) if self.layer_skip else (False, 0.0)
         # the search runs only where even an optimistic layer-skip draft would beat what this step
@@ -175,8 +205,11 @@ class AutoDrafter:
         d = self.plan(ctx)
         w = len(ctx.histories)
         device = ctx.last_tokens.device
+        self._stop_ids = ctx.stop_ids
         if d["drafter"] == "ngram":
-            prop = proposal_from([dr[: d["k"]] for dr in d["drafts"]], device, "ngram")
+            prop = self._copy_proposal(d, device)
+            if "corpus" in prop.sources:
+                d = {**d, "drafter": "corpus"}
         elif d["drafter"] == "layerskip":
             mine = torch.zeros(w, dtype=torch.bool, device=device)
             mine[d["rows"]] = True
@@ -187,12 +220,13 @@ class AutoDrafter:
             if prop.passes == 0 and d["fallback"]["drafter"] == "ngram":
                 # the searcher chose plain decoding for this step (its own measurement of plain speed);
                 # the n-gram drafts still ride along, and the searcher still observes the step
-                prop = proposal_from([dr[: d["fallback"]["k"]] for dr in d["fallback"]["drafts"]], device, "ngram")
-                d = {**d, "drafter": "ngram", "k": d["fallback"]["k"], "searcher_step": True}
+                prop = self._copy_proposal(d["fallback"], device)
+                d = {**d, "drafter": "ngram", "k": d["fallback"]["k"], "searcher_step": True,
+                     "sources": d["fallback"]["sources"], "matches": d["fallback"]["matches"]}
         else:
             prop = Proposal.empty(w, device)
         self.decisions[d["drafter"]] += 1
-        self.last_decision = {k: v for k, v in d.items() if k not in ("drafts", "rows", "fallback")}
+        self.last_decision = {k: v for k, v in d.items() if k not in ("drafts", "rows", "fallback", "sources", "matches")}
         for group, rate in self._ls_groups.items():  # not handed this step: old evidence slowly wears off,
             if d.get("group") != group:           # so a set the searcher finds later is tried again now and then
                 rate.forget(self.ls_forget)
@@ -203,22 +237,33 @@ class AutoDrafter:
             del self._ng_rows[k]
         return prop
 
+    def _copy_proposal(self, d: dict, device) -> Proposal:
+        """A copy decision's drafts (n-gram or corpus per row), cut to its length ``k``."""
+        drafts = [dr[: d["k"]] for dr in d["drafts"]]
+        sources = [src if dr else "none" for dr, src in zip(drafts, d["sources"])]
+        return proposal_from(drafts, device, "corpus" if "corpus" in sources else "ngram", sources)
+
     def observe(self, outcome: StepOutcome) -> None:
         last, self._last = self._last, None
         if last is None:
             return
+        if self.corpus is not None and self.corpus.learn_finished:
+            self.corpus.learn_finished_rows(outcome, last["groups"], self._stop_ids)
         d = last["decision"]
         w = len(outcome.lens)
         self.surface.observe(w, last["q"], outcome.verify_seconds)
         lens, acc = outcome.lens.tolist(), outcome.accepted.tolist()
         if d.get("searcher_step"):  # the searcher asked for this step: it sees it (as a plain step of its own)
             self.layer_skip[d["group"]].observe(outcome.restrict(d["rows"]))
-        if d["drafter"] == "ngram":
+        if d["drafter"] in ("ngram", "corpus") or d.get("searcher_step"):
             for b, (l, a) in enumerate(zip(lens, acc)):
                 if l:
                     fail = float(a < l)
-                    self._ng_row(outcome.histories[b]).add(a, fail)
-                    self._ng_group(last["groups"][b]).add(a, fail)
+                    if d["sources"][b] == "corpus":
+                        self._cp_rate(last["groups"][b], d["matches"][b]).add(a, fail)
+                    else:
+                        self._ng_row(outcome.histories[b]).add(a, fail)
+                        self._ng_group(last["groups"][b]).add(a, fail)
         elif d["drafter"] == "layerskip":
             group, rows = d["group"], d["rows"]
             rate = self._ls_group(group)
@@ -237,6 +282,8 @@ class AutoDrafter:
             "decisions": dict(self.decisions),
             "ngram_acceptance": {g: round(r.value(), 3) for g, r in self._ng_groups.items()},
             "layerskip_acceptance": {g: round(r.value(), 3) for g, r in self._ls_groups.items()},
+            "corpus_acceptance": {f"{g}|match>{([0] + list(MATCH_BUCKETS))[b]}": round(r.value(), 3)
+                                  for (g, b), r in sorted(self._cp_groups.items())},
             "layerskip_gate": gate,
             "surface_observations": self.surface.observations,
             "last": self.last_decision,
@@ -263,9 +310,13 @@ def surface_grid(width: int, max_draft_len: int, widest: int = 32) -> tuple[list
 
 def build_drafter(kind: str, model, layer_skip: dict[str, Drafter] | Drafter | None = None,
                   surface: CostSurface | None = None, max_draft_len: int = 8, ngram_max: int = 3,
-                  ngram_min: int = 1) -> Drafter:
-    """The drafter for ``drafter: auto | ngram | layerskip | none``. ``layer_skip``: the layer-skip
-    drafter(s) (per group) that ``layerskip`` runs and ``auto`` may choose; ``auto`` needs ``surface``."""
+                  ngram_min: int = 1, corpus=None) -> Drafter:
+    """The drafter for ``drafter: auto | ngram | corpus | layerskip | none``. ``layer_skip``: the
+    layer-skip drafter(s) (per group) that ``layerskip`` runs and ``auto`` may choose; ``auto`` needs
+    ``surface``. ``corpus``: a ``CorpusDrafter`` (its own n-gram lookup is replaced by one with
+    ``ngram_max``/``ngram_min``/``max_draft_len``) that ``corpus`` runs and ``auto`` may choose
+    from; ``corpus`` without one gets a fresh drafter with empty indexes."""
+    from .corpus import CorpusDrafter
     from .drafters import NoDrafter
     from .router import GroupRouter
 
@@ -273,13 +324,19 @@ def build_drafter(kind: str, model, layer_skip: dict[str, Drafter] | Drafter | N
         raise ValueError(f"drafter must be one of {DRAFTERS}, got {kind!r}")
     if kind == "none":
         return NoDrafter()
+    ngram = NgramDrafter(ngram_max, ngram_min, max_draft_len)
+    if kind == "corpus" and corpus is None:
+        corpus = CorpusDrafter(max_tokens=max_draft_len)
+    if corpus is not None:
+        corpus.ngram, corpus.max_tokens = ngram, max_draft_len
     if kind == "ngram":
-        return NgramDrafter(ngram_max, ngram_min, max_draft_len)
+        return ngram
+    if kind == "corpus":
+        return corpus
     if kind == "layerskip":
         if not layer_skip:
             raise ValueError("drafter layerskip needs a skip-set policy (a searcher or a fixed set)")
         return GroupRouter(layer_skip) if isinstance(layer_skip, dict) else layer_skip
     if surface is None:
         raise ValueError("drafter auto needs a cost surface (conflayers.calibrate.load_or_calibrate)")
-    return AutoDrafter(surface, NgramDrafter(ngram_max, ngram_min, max_draft_len), layer_skip,
-                       max_draft_len=max_draft_len)
+    return AutoDrafter(surface, ngram, layer_skip, max_draft_len=max_draft_len, corpus=corpus)

@@ -42,6 +42,7 @@ import zlib
 from array import array
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from .drafters import DraftContext, Proposal, StepOutcome
 from .ngram import NgramDrafter, proposal_from
@@ -207,24 +208,37 @@ class SuffixIndex:
         self._index(out)
 
     # -- queries ------------------------------------------------------------------------------
+    def _step(self, v: int, l: int, c: int) -> tuple[int, int]:
+        """Extend the match (state ``v``, length ``l``) of a text by one token ``c``: the longest
+        suffix (at most ``depth - 1`` tokens) of the text + ``c`` that occurs in the index."""
+        ln, link = self.len, self.link
+        while v and self._next(v, c) == -1:
+            v = link[v]
+            l = ln[v]
+        u = self._next(v, c)
+        if u == -1:
+            return 0, 0
+        v, l = u, l + 1
+        if l > self.depth - 1:
+            l = self.depth - 1
+            while ln[link[v]] >= l:
+                v = link[v]
+        return v, l
+
+    def _continued(self, v: int, l: int) -> tuple[int, int]:
+        """The longest suffix of the match that some output continues (not only ends)."""
+        while v and not self._counts(v):
+            v = self.link[v]
+            l = self.len[v]
+        return v, l
+
     def _match(self, context: Sequence[int]) -> tuple[int, int]:
         """(state, length) of the longest suffix of ``context`` (<= depth - 1 tokens) that some
         output continues; (0, 0) if none."""
-        ln, link = self.len, self.link
         v = l = 0
         for c in context[-(self.depth - 1):]:
-            while v and self._next(v, c) == -1:
-                v = link[v]
-                l = ln[v]
-            u = self._next(v, c)
-            if u == -1:
-                v = l = 0
-            else:
-                v, l = u, l + 1
-        while v and not self._counts(v):
-            v = link[v]
-            l = ln[v]
-        return v, l
+            v, l = self._step(v, l, c)
+        return self._continued(v, l)
 
     def _counts(self, v: int) -> dict[int, int]:
         return {t: self.occ[u] for t, u in self._edges(v).items() if t != SEP}
@@ -238,7 +252,9 @@ class SuffixIndex:
         """The most frequent continuation of the longest matched suffix (the rule in the module doc)."""
         if max_tokens <= 0 or self.tokens_indexed == 0:
             return []
-        v, l = self._match(context)
+        return self._walk(*self._match(context), max_tokens)
+
+    def _walk(self, v: int, l: int, max_tokens: int) -> list[int]:
         if l < max(self.min_match, 1):
             return []
         limit = min(max_tokens, l + self.slack)
@@ -274,63 +290,89 @@ class SuffixIndex:
         return len(self.len)
 
     # -- persistence --------------------------------------------------------------------------
+    def params(self) -> dict:
+        return {"max_tokens_indexed": self.cap, "depth": self.depth, "min_prob": self.min_prob,
+                "slack": self.slack, "min_match": self.min_match}
+
     def to_bytes(self) -> bytes:
-        key = self.key.encode()
-        body = bytearray(struct.pack("<IIdiiI", self.cap, self.depth, self.min_prob, self.slack,
-                                     self.min_match, len(self.outputs)))
-        for o in self.outputs:
-            body += struct.pack("<I", len(o))
-            body += o.tobytes() if _LITTLE else _swap(o).tobytes()
-        head = MAGIC + struct.pack("<HH", VERSION, len(key)) + key
-        return head + bytes(body) + struct.pack("<I", zlib.crc32(body))
+        return pack(self.outputs, self.key, **self.params())
 
     @classmethod
     def from_bytes(cls, data: bytes, key: str | None = None, max_tokens_indexed: int | None = None) -> "SuffixIndex":
         """Load an index; ``key`` (the model/tokenizer it must be for) refuses any other. Damaged
         data raises ``ValueError``. ``max_tokens_indexed`` overrides the stored cap (the oldest
         outputs past a smaller cap are dropped)."""
-        try:
-            data = bytes(data)
-        except TypeError as e:
-            raise ValueError(f"corpus index payload must be bytes, got {type(data).__name__}") from e
-        if data[:4] != MAGIC:
-            raise ValueError("not a corpus index (bad magic bytes)")
-        if len(data) < 8:
-            raise ValueError("corpus index is truncated (no header)")
-        version, klen = struct.unpack_from("<HH", data, 4)
-        if version != VERSION:
-            raise ValueError(f"corpus index has version {version}; this code reads version {VERSION}")
-        if len(data) < 8 + klen + 4:
-            raise ValueError("corpus index is truncated (header)")
-        try:
-            found = data[8 : 8 + klen].decode()
-        except UnicodeDecodeError as e:
-            raise ValueError("corpus index is damaged (its key is not text)") from e
-        if key is not None and found != key:
-            raise ValueError(f"corpus index was built for {found!r}, not for {key!r}: refusing it")
-        body, crc = data[8 + klen : -4], data[-4:]
-        if struct.unpack("<I", crc)[0] != zlib.crc32(body):
-            raise ValueError("corpus index is damaged (checksum mismatch)")
-        try:
-            cap, depth, min_prob, slack, min_match, n = struct.unpack_from("<IIdiiI", body, 0)
-            pos, outs = struct.calcsize("<IIdiiI"), []
-            for _ in range(n):
-                (m,) = struct.unpack_from("<I", body, pos)
-                pos += 4
-                if pos + 4 * m > len(body):
-                    raise ValueError("an output runs past the end")
-                o = array("i")
-                o.frombytes(body[pos : pos + 4 * m])
-                outs.append(o if _LITTLE else _swap(o))
-                pos += 4 * m
-            if pos != len(body):
-                raise ValueError("trailing bytes")
-            ix = cls(max_tokens_indexed or cap, depth, found, min_prob, slack, min_match)
-        except (struct.error, ValueError, OverflowError) as e:
-            raise ValueError(f"corpus index is damaged ({e})") from e
+        found, params, outs = unpack(data, key)
+        if max_tokens_indexed:
+            params["max_tokens_indexed"] = max_tokens_indexed
+        ix = cls(key=found, **params)
         for o in outs:
             ix.add(o)
         return ix
+
+
+_HEAD = "<IIdiiI"
+
+
+def pack(outputs, key: str = "", max_tokens_indexed: int = 1 << 20, depth: int = 32, min_prob: float = 0.1,
+         slack: int = 2, min_match: int = 1) -> bytes:
+    """Outputs (token lists, oldest first) and an index's parameters as bytes: magic, version,
+    ``key``, the body, its CRC. The coordinator pools outputs in this form without an automaton."""
+    k = key.encode()
+    body = bytearray(struct.pack(_HEAD, max_tokens_indexed, depth, min_prob, slack, min_match, len(outputs)))
+    for o in outputs:
+        o = o if isinstance(o, array) else array("i", o)
+        body += struct.pack("<I", len(o))
+        body += o.tobytes() if _LITTLE else _swap(o).tobytes()
+    head = MAGIC + struct.pack("<HH", VERSION, len(k)) + k
+    return head + bytes(body) + struct.pack("<I", zlib.crc32(body))
+
+
+def unpack(data: bytes, key: str | None = None) -> tuple[str, dict, list[array]]:
+    """(key, parameters, outputs) from ``pack``'s bytes; ``key`` refuses any other. A damaged,
+    truncated or foreign payload raises ``ValueError`` naming what is wrong."""
+    try:
+        data = bytes(data)
+    except TypeError as e:
+        raise ValueError(f"corpus index payload must be bytes, got {type(data).__name__}") from e
+    if data[:4] != MAGIC:
+        raise ValueError("not a corpus index (bad magic bytes)")
+    if len(data) < 8:
+        raise ValueError("corpus index is truncated (no header)")
+    version, klen = struct.unpack_from("<HH", data, 4)
+    if version != VERSION:
+        raise ValueError(f"corpus index has version {version}; this code reads version {VERSION}")
+    if len(data) < 8 + klen + 4:
+        raise ValueError("corpus index is truncated (header)")
+    try:
+        found = data[8 : 8 + klen].decode()
+    except UnicodeDecodeError as e:
+        raise ValueError("corpus index is damaged (its key is not text)") from e
+    if key is not None and found != key:
+        raise ValueError(f"corpus index was built for {found!r}, not for {key!r}: refusing it")
+    body, crc = data[8 + klen : -4], data[-4:]
+    if struct.unpack("<I", crc)[0] != zlib.crc32(body):
+        raise ValueError("corpus index is damaged (checksum mismatch)")
+    try:
+        cap, depth, min_prob, slack, min_match, n = struct.unpack_from(_HEAD, body, 0)
+        pos, outs = struct.calcsize(_HEAD), []
+        for _ in range(n):
+            (m,) = struct.unpack_from("<I", body, pos)
+            pos += 4
+            if pos + 4 * m > len(body):
+                raise ValueError("an output runs past the end")
+            o = array("i")
+            o.frombytes(body[pos : pos + 4 * m])
+            outs.append(o if _LITTLE else _swap(o))
+            pos += 4 * m
+        if pos != len(body):
+            raise ValueError("trailing bytes")
+        if cap < 2 or depth < 2 or not 0.0 <= min_prob <= 1.0:
+            raise ValueError(f"bad parameters (cap {cap}, depth {depth}, min_prob {min_prob})")
+    except (struct.error, ValueError, OverflowError) as e:
+        raise ValueError(f"corpus index is damaged ({e})") from e
+    return found, {"max_tokens_indexed": cap, "depth": depth, "min_prob": min_prob, "slack": slack,
+                   "min_match": min_match}, outs
 
 
 _LITTLE = array("i", [1]).tobytes()[0] == 1
@@ -342,58 +384,148 @@ def _swap(a: array) -> array:
     return b
 
 
+@dataclass
+class _Row:
+    """A row's match in its group's index, extended token by token as the row grows."""
+
+    history: list[int]
+    group: str
+    generation: int  # the index's ``changes`` when the match was made
+    upto: int = 0  # tokens of the history read into the match
+    v: int = 0
+    l: int = 0
+
+
 class CorpusDrafter:
-    """Per-row n-gram lookup (``NgramDrafter``) combined with a ``SuffixIndex`` over the corpus.
+    """Per-row n-gram lookup (``NgramDrafter``) combined with a ``SuffixIndex`` per group (dataset).
 
     Each row gets the longer of its two drafts; a tie goes to the row's own n-gram draft (it reads
     this row's text, the index only other rows'). Proposals are deterministic (``q=None``), so the
-    engine's rejection rule keeps sampling exact.
+    engine's rejection rule keeps sampling exact. Each row's group is its ``Request.group``; a
+    group's index is made by ``new_index(group)`` when first needed.
 
-    Learning: ``observe`` adds each row that finished this step to the index (its output; with
-    ``learn_prompts`` its prompt + output): a row finished when it reached its budget or committed
-    a stop token. The drafter cannot see rows ended by a ``Request.on_tokens`` callback (stop
-    strings, aborts) nor rows that finished on their first token (never drafted): the owner of
-    the drafter adds those, or outputs pooled from elsewhere, with ``learn(tokens)``.
+    Matching: each row keeps its match (state, length) in its group's index and extends it by the
+    tokens it committed since the last step: O(new tokens) per row per step, not O(depth). A match
+    is redone from the row's last ``depth - 1`` tokens when the index changed since.
+
+    Learning: ``observe`` queues each row that finished this step for its group's index (its
+    output; with ``learn_prompts`` its prompt + output): a row finished when it reached its budget
+    or committed a stop token. Queued outputs are indexed every ``learn_every`` steps (and
+    whenever an index is read through ``index_for``), so rows' matches are redone at most that
+    often. The drafter cannot see rows ended by a ``Request.on_tokens`` callback (stop strings,
+    aborts) nor rows that finished on their first token (never drafted): the owner of the drafter
+    adds those, or outputs pooled from elsewhere, with ``learn(tokens, group)``.
     """
 
     name = "corpus"
 
     def __init__(self, index: SuffixIndex | None = None, ngram: NgramDrafter | None = None,
-                 max_tokens: int = 8, learn_finished: bool = True, learn_prompts: bool = False):
+                 max_tokens: int = 8, learn_finished: bool = True, learn_prompts: bool = False,
+                 new_index=None, learn_every: int = 16):
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        self.index = index if index is not None else SuffixIndex()
+        if learn_every < 1:
+            raise ValueError(f"learn_every must be >= 1, got {learn_every}")
+        self.new_index = new_index if new_index is not None else (lambda group: SuffixIndex())
+        self.indexes: dict[str, SuffixIndex] = {"": index} if index is not None else {}
         self.ngram = ngram if ngram is not None else NgramDrafter(max_tokens=max_tokens)
         self.max_tokens = max_tokens
-        self.learn_finished, self.learn_prompts = learn_finished, learn_prompts
+        self.learn_finished, self.learn_prompts, self.learn_every = learn_finished, learn_prompts, learn_every
         self.stop_ids: frozenset[int] = frozenset()
         self.picked = {"ngram": 0, "corpus": 0}  # rows whose draft came from each source
+        self._pending: dict[str, list[list[int]]] = {}
+        self._changes: dict[str, int] = {}  # per group: how often its index changed
+        self._rows: dict[int, _Row] = {}
+        self._groups: list[str] = []  # the rows' groups at the last proposal
+        self._steps = 0
 
-    def learn(self, tokens: Sequence[int]) -> None:
-        self.index.add(tokens)
+    # -- the indexes ----------------------------------------------------------------------------
+    def _index(self, group: str) -> SuffixIndex:
+        ix = self.indexes.get(group)
+        if ix is None:
+            ix = self.indexes[group] = self.new_index(group)
+        return ix
 
-    def candidates(self, histories: list[list[int]], limits: list[int]) -> list[list[int]]:
+    def index_for(self, group: str = "") -> SuffixIndex:
+        """A group's index, with every output queued for it indexed."""
+        self.flush()
+        return self._index(group)
+
+    @property
+    def index(self) -> SuffixIndex:
+        return self.index_for("")
+
+    def learn(self, tokens: Sequence[int], group: str = "") -> None:
+        """Queue one output for ``group``'s index (indexed at the next ``flush``)."""
+        if len(tokens):
+            self._pending.setdefault(group, []).append(list(tokens))
+
+    def flush(self) -> None:
+        for group, outs in self._pending.items():
+            ix = self._index(group)
+            for o in outs:
+                ix.add(o)
+            self._changes[group] = self._changes.get(group, 0) + 1
+        self._pending.clear()
+
+    # -- drafting -------------------------------------------------------------------------------
+    def _row_match(self, hist: list[int], group: str, ix: SuffixIndex) -> tuple[int, int]:
+        gen = self._changes.get(group, 0)
+        r = self._rows.get(id(hist))
+        if r is None or r.history is not hist or r.group != group or r.generation != gen or r.upto > len(hist):
+            r = self._rows[id(hist)] = _Row(hist, group, gen, max(0, len(hist) - (ix.depth - 1)))
+        v, l = r.v, r.l
+        for c in hist[r.upto :]:
+            v, l = ix._step(v, l, c)
+        r.v, r.l, r.upto = v, l, len(hist)
+        return ix._continued(v, l)
+
+    def drafts(self, histories: list[list[int]], limits: list[int],
+               groups: list[str] | None = None) -> list[tuple[list[int], str, int]]:
+        """Per row: (draft, where it came from: "ngram" | "corpus", corpus match length)."""
+        if self._steps % self.learn_every == 0:
+            self.flush()
+        self._steps += 1
+        groups = groups if groups and len(groups) == len(histories) else [""] * len(histories)
+        self._groups = groups
         limits = [min(int(m), self.max_tokens) for m in limits]
         own = self.ngram.candidates(histories, limits)
-        drafts = []
-        for hist, limit, d in zip(histories, limits, own):
-            c = self.index.propose(hist, limit) if limit > 0 else []
+        out = []
+        for hist, limit, d, group in zip(histories, limits, own, groups):
+            c, match = [], 0
+            ix = self.indexes.get(group)
+            if limit > 0 and ix is not None and ix.tokens_indexed:
+                v, match = self._row_match(hist, group, ix)
+                c = ix._walk(v, match, limit)
             if c and len(c) > len(d):
-                drafts.append(c)
+                out.append((c, "corpus", match))
                 self.picked["corpus"] += 1
             else:
-                drafts.append(d)
+                out.append((d, "ngram", match))
                 self.picked["ngram"] += bool(d)
-        return drafts
+        live = {id(h) for h in histories}
+        for k in [k for k in self._rows if k not in live]:
+            del self._rows[k]
+        return out
+
+    def candidates(self, histories: list[list[int]], limits: list[int], groups: list[str] | None = None) -> list[list[int]]:
+        return [d for d, _, _ in self.drafts(histories, limits, groups)]
 
     def propose(self, ctx: DraftContext) -> Proposal:
         self.stop_ids = ctx.stop_ids
-        drafts = self.candidates(ctx.histories, ctx.max_draft.tolist())
-        return proposal_from(drafts, ctx.last_tokens.device, self.name)
+        items = self.drafts(ctx.histories, ctx.max_draft.tolist(), ctx.groups)
+        return proposal_from([d for d, _, _ in items], ctx.last_tokens.device, self.name,
+                             [src if d else "none" for d, src, _ in items])
+
+    def learn_finished_rows(self, outcome: StepOutcome, groups: list[str], stop_ids: frozenset[int]) -> None:
+        """Queue the rows that finished in this step (budget reached or a stop token committed)."""
+        if not outcome.generated:
+            return
+        groups = groups if len(groups) == len(outcome.histories) else [""] * len(outcome.histories)
+        for hist, n, budget, k, g in zip(outcome.histories, outcome.generated, outcome.budget, outcome.committed, groups):
+            if n >= budget or (k and hist[-1] in stop_ids):
+                self.learn(hist if self.learn_prompts else hist[len(hist) - n :], g)
 
     def observe(self, outcome: StepOutcome) -> None:
-        if not self.learn_finished or not outcome.generated:
-            return
-        for hist, n, budget, k in zip(outcome.histories, outcome.generated, outcome.budget, outcome.committed):
-            if n >= budget or (k and hist[-1] in self.stop_ids):
-                self.index.add(hist if self.learn_prompts else hist[len(hist) - n :])
+        if self.learn_finished:
+            self.learn_finished_rows(outcome, self._groups, self.stop_ids)

@@ -46,7 +46,8 @@ class Proposal:
     q: torch.Tensor | None = None  # [B, k, V] draft distributions; None = deterministic (one-hot)
     skip: frozenset[int] = frozenset()
     passes: int = 0  # draft forward passes spent on this proposal (for cost accounting)
-    drafter: str = "none"  # which drafter proposed: "none" | "ngram" | "layerskip" (per-row stats)
+    drafter: str = "none"  # which drafter proposed: "none" | "ngram" | "corpus" | "layerskip" (per-row stats)
+    sources: list[str] | None = None  # per row, where a mixed proposal's draft came from (else ``drafter``)
 
     @staticmethod
     def empty(batch: int, device) -> "Proposal":

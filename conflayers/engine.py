@@ -387,7 +387,7 @@ class Engine:
                 st = r.result.stats
                 r.add(toks, reason)
                 r.last = y_list[b]
-                st.record_step(lens[b], a_list[b], prop.skip, prop.drafter)
+                st.record_step(lens[b], a_list[b], prop.skip, prop.sources[b] if prop.sources else prop.drafter)
                 st.draft_passes += prop.passes
                 st.decode_seconds += step_t1 - step_t0
                 committed.append(len(toks))

@@ -78,12 +78,13 @@ class NgramDrafter:
         pass
 
 
-def proposal_from(drafts: list[list[int]], device, drafter: str) -> Proposal:
-    """A deterministic proposal from per-row token lists (padding past each row's length)."""
+def proposal_from(drafts: list[list[int]], device, drafter: str, sources: list[str] | None = None) -> Proposal:
+    """A deterministic proposal from per-row token lists (padding past each row's length);
+    ``sources``: per row, which drafter made its draft (per-row step counts)."""
     k = max((len(d) for d in drafts), default=0)
     tokens = torch.zeros(len(drafts), k, dtype=torch.long, device=device)
     for b, d in enumerate(drafts):
         if d:
             tokens[b, : len(d)] = torch.as_tensor(d, dtype=torch.long)
     lens = torch.tensor([len(d) for d in drafts], dtype=torch.long, device=device)
-    return Proposal(tokens, lens, drafter=drafter)
+    return Proposal(tokens, lens, drafter=drafter, sources=sources)
