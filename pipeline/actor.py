@@ -8,11 +8,14 @@ cluster-wide best set when it has one). Per batch (hundreds of rows):
 2. stream every row through the continuous engine, each with its own token budget, freed slots
    refilled at once, under ``search.drafter``. Rows of all datasets share the decode batch. With
    ``auto`` (default) one controller per actor (``conflayers.controller.AutoDrafter``) picks per
-   step n-gram drafts (per row), a layer-skip draft for one dataset's rows (a draft pass runs one
-   skip set for the whole forward; the other rows decode plainly that step), or plain decoding,
-   whichever the cost surface predicts commits the most tokens/s; the surface is measured once
-   per kind of accelerator and shared through the coordinator. ``layerskip`` gives the datasets
-   the draft in turn (``conflayers.router.GroupRouter``), each under its own dataset's policy;
+   step n-gram or corpus drafts (per row), a layer-skip draft for one dataset's rows (a draft pass
+   runs one skip set for the whole forward; the other rows decode plainly that step), or plain
+   decoding, whichever the cost surface predicts commits the most tokens/s; the surface is
+   measured once per kind of accelerator and shared through the coordinator. ``layerskip`` gives
+   the datasets the draft in turn (``conflayers.router.GroupRouter``), each under its own
+   dataset's policy. Corpus drafts come from one index per dataset (``conflayers.corpus``): loaded
+   from the last run's file, refreshed before each batch from the outputs other actors pooled in
+   the coordinator, and the batch's own outputs sent there after it (``pipeline.corpus``);
 3. the rows picked for the baseline (a fraction, and at least a few per dataset) stream on their
    own, once under the policies and once with plain decoding: same actor, same rows, same width;
 4. report the batch's observations to the coordinator, write the batch's rows to one Parquet file
@@ -64,6 +67,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("accept_hist", pa.list_(pa.int64())),
         ("plain_steps", pa.int64()),  # steps by what was verified: no draft, an n-gram draft, a layer-skip draft
         ("ngram_steps", pa.int64()),
+        ("corpus_steps", pa.int64()),
         ("layerskip_steps", pa.int64()),
         ("skip_set", pa.list_(pa.int64())),
         ("baseline", pa.bool_()),
@@ -175,6 +179,8 @@ class GenerationActor:
         self.actor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.policies: dict[str, object] = {}
         self.auto = None  # the drafter: auto controller, made at the first batch
+        self.corpus = None  # the corpus drafter (its index per dataset), made at the first batch
+        self.corpus_seen: dict[str, int] = {}  # per dataset: the last pooled output taken from the coordinator
         self.baseline_count: Counter = Counter()
         self.coordinator = None
         if coordinator:
@@ -258,13 +264,55 @@ class GenerationActor:
         if s.drafter in ("auto", "layerskip"):
             layer_skip = {d: LayerSkipDrafter(self.model, self._policy(d), s.stop_threshold, s.max_draft_len)
                           for d in datasets}
+        self._refresh_corpus(datasets)
         if s.drafter != "auto":
-            return build_drafter(s.drafter, self.model, layer_skip, None, s.max_draft_len, s.ngram_max)
+            return build_drafter(s.drafter, self.model, layer_skip, None, s.max_draft_len, s.ngram_max,
+                                 corpus=self.corpus)
         if self.auto is None:
-            self.auto = build_drafter("auto", self.model, {}, self.surface, s.max_draft_len, s.ngram_max)
+            self.auto = build_drafter("auto", self.model, {}, self.surface, s.max_draft_len, s.ngram_max,
+                                      corpus=self.corpus)
         for d, drafter in layer_skip.items():
             self.auto.layer_skip.setdefault(d, drafter)
         return self.auto
+
+    def _refresh_corpus(self, datasets: list[str]) -> None:
+        """Corpus drafts on: make the drafter (each dataset's index loads its saved file when first
+        used), then index the outputs other actors pooled since this actor last asked."""
+        from .corpus import index_key, load_index, uses_corpus
+
+        if not uses_corpus(self.cfg):
+            return
+        if self.corpus is None:
+            from conflayers.corpus import CorpusDrafter
+
+            self.corpus_key = index_key(self.model_id, self.tokenizer)
+            self.corpus = CorpusDrafter(new_index=lambda d: load_index(self.cfg, d, self.corpus_key),
+                                        max_tokens=self.cfg.search.max_draft_len,
+                                        learn_prompts=self.cfg.corpus.learn_prompts)
+        if self.coordinator is None:
+            return
+        import ray
+
+        for d in datasets:
+            self.corpus.index_for(d)  # the saved index first, then this run's pooled outputs
+            while True:
+                last, outs = ray.get(self.coordinator.corpus_since.remote(
+                    d, self.corpus_seen.get(d, 0), self.actor_id, self.cfg.corpus.share_tokens))
+                self.corpus_seen[d] = last
+                for o in outs:
+                    self.corpus.learn(o, d)
+                if not outs:
+                    break
+
+    def _share_corpus(self, outputs: dict[str, list]) -> None:
+        """This batch's finished outputs per dataset, to the coordinator (other actors, the saved index)."""
+        if self.corpus is None or self.coordinator is None:
+            return
+        from array import array
+
+        for d, outs in outputs.items():
+            if outs:
+                self.coordinator.corpus_put.remote(d, self.corpus_key, self.actor_id, [array("i", o) for o in outs])
 
     def _surface(self):
         """The cost surface for this accelerator: the coordinator's if another actor measured it,
@@ -397,16 +445,20 @@ class GenerationActor:
                     rest.append(item)
         drafter = self._drafter(sorted(todo)) if todo else None
         per_dataset: dict[str, dict] = defaultdict(lambda: Counter())
+        finished: dict[str, list] = defaultdict(list)  # outputs for the corpus index, per dataset
         for group, is_base in ((base, True), (rest, False)):
             if not group:
                 continue
             results, secs = self._decode(group, drafter, progress)
+            prompt_ids = {i: req.token_ids for i, req in group}
             tokens = sum(r.stats.new_tokens for r in results.values()) or 1
             for i, r in results.items():
                 if r.error:
                     out[i]["error_type"], out[i]["error_message"] = "kv_budget", r.error
                     continue
                 dataset = out[i]["dataset"]
+                finished[dataset].append((list(prompt_ids[i]) if self.cfg.corpus.learn_prompts else [])
+                                         + list(r.token_ids))
                 obs = per_dataset[dataset]
                 # a row's share of the stream's wall time is its share of the tokens generated
                 share = secs * r.stats.new_tokens / tokens
@@ -443,6 +495,7 @@ class GenerationActor:
         if self.coordinator is not None:
             for dataset, obs in per_dataset.items():
                 self.coordinator.report.remote(dataset, dict(obs))
+        self._share_corpus(finished)
         return self._commit(out)
 
     def _commit(self, out: list[dict]) -> pa.Table:
@@ -464,6 +517,6 @@ class GenerationActor:
         for k in ("finish_reason", "prefill_seconds", "decode_seconds", "steps", "drafted", "accepted",
                   "acceptance_rate", "tau", "accept_hist", "skip_set"):
             rec[k] = s[k]
-        for k in ("ngram", "layerskip"):
+        for k in ("ngram", "corpus", "layerskip"):
             rec[f"{k}_steps"] = s["drafter_steps"].get(k, 0)
         rec["plain_steps"] = s["drafter_steps"].get("none", 0)

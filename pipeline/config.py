@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 SEARCHERS = ("conflayers", "static", "swift", "none", "cached")
-DRAFTERS = ("auto", "ngram", "layerskip", "none")  # conflayers.controller.DRAFTERS (no torch import here)
+DRAFTERS = ("auto", "ngram", "corpus", "layerskip", "none")  # conflayers.controller.DRAFTERS (no torch import here)
 FORMATS = ("records", "specbench", "gsm8k")
 FILE_FORMATS = ("auto", "jsonl", "parquet", "csv")
 DEVICES = ("auto", "cpu", "cuda")
@@ -65,7 +65,7 @@ class GenerationSettings:
 
 @dataclass
 class SearchConfig:
-    drafter: str = "auto"  # auto (per step: ngram / layerskip / none by the cost surface) | ngram | layerskip | none
+    drafter: str = "auto"  # auto (per step: ngram / corpus / layerskip / none by the cost surface) | ngram | corpus | layerskip | none
     ngram_max: int = 3  # n-gram drafter: longest suffix looked up
     costs: Optional[str] = None  # cost-surface cache JSON; None: next to `registry` if set, else ~/.cache/conflayers
     searcher: str = "conflayers"
@@ -121,6 +121,15 @@ class ProgressConfig:
 
 
 @dataclass
+class CorpusConfig:
+    enabled: bool = True  # drafter auto: corpus drafts (from the dataset's earlier outputs) among its choices
+    max_tokens_indexed: int = 1048576  # per dataset per actor (~64 bytes a token); the oldest outputs go first
+    learn_prompts: bool = False  # index prompt + output (default: outputs only)
+    path: Optional[str] = None  # saved indexes (local or s3://); None: <search.registry's dir>/corpus, else not saved
+    share_tokens: int = 262144  # most tokens of pooled outputs an actor takes from the coordinator per message
+
+
+@dataclass
 class JobSections:
     """The sections every job shares (the generation job, the scheduled summarization job)."""
 
@@ -131,6 +140,7 @@ class JobSections:
     search: SearchConfig = field(default_factory=SearchConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     fail_fast: bool = False
@@ -180,6 +190,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
            "must be a local path (the registry is a local JSON file)")
     check(all(isinstance(i, int) and i >= 0 for i in s.skip_layers), "search.skip_layers",
            f"must be a list of layer indices, got {s.skip_layers!r}")
+    c = cfg.corpus
+    check(c.max_tokens_indexed >= 2, "corpus.max_tokens_indexed", f"must be >= 2, got {c.max_tokens_indexed}")
+    check(c.share_tokens >= 1, "corpus.share_tokens", f"must be >= 1, got {c.share_tokens}")
     b = cfg.baseline
     check(0 <= b.fraction <= 1, "baseline.fraction", f"must be in [0, 1], got {b.fraction}")
     check(b.min_per_dataset >= 0, "baseline.min_per_dataset", f"must be >= 0, got {b.min_per_dataset}")

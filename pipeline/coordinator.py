@@ -8,21 +8,30 @@ searching from scratch. Actors share the cost surface they measured per accelera
 report each batch's rows as they finish and when the batch is committed (``batch_progress``,
 keyed by the batch's file, so a retried batch replaces its earlier attempt's counts):
 ``progress()`` is the job's rows done, tokens and error rows.
-At the end of the run the driver takes ``summary()`` and writes it out.
+Actors pool each dataset's finished outputs (``corpus_put`` / ``corpus_since``, ``pipeline.corpus``):
+the coordinator keeps the run's outputs per dataset up to a token cap, oldest dropped first.
+At the end of the run the driver takes ``summary()`` and ``corpus_pooled()`` and writes them out.
 
 ``Coordinator`` is a plain class (tested without Ray); ``start_coordinator`` makes it a named actor.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
+from array import array
+from collections import defaultdict, deque
 
 _SUMMED = ("rows", "tokens", "seconds", "steps", "drafted", "accepted", "baseline_tokens", "baseline_seconds")
 
 
 class Coordinator:
-    def __init__(self, min_tokens: int = 1):
+    def __init__(self, min_tokens: int = 1, corpus_cap: int = 1 << 20):
         self.min_tokens = min_tokens
+        self.corpus_cap = corpus_cap
+        # dataset -> deque of (sequence number, actor id, tokens), oldest first; the model/tokenizer key
+        self.corpus: dict[str, deque] = defaultdict(deque)
+        self.corpus_tokens: dict[str, int] = defaultdict(int)
+        self.corpus_key: dict[str, str] = {}
+        self.corpus_seq = 0
         # dataset -> skip set (tuple) -> summed observation
         self.stats: dict[str, dict[tuple, dict]] = defaultdict(dict)
         self.iterations: dict[str, int] = defaultdict(int)
@@ -47,6 +56,40 @@ class Coordinator:
         """(rows done, tokens, errors) over the committed batches and those running now."""
         both = list(self.finished.values()) + list(self.running.values())
         return tuple(sum(v[i] for v in both) for i in range(3))
+
+    def corpus_put(self, dataset: str, key: str, actor_id: str, outputs: list) -> None:
+        """An actor's finished outputs for ``dataset`` (token id arrays), indexed by the model/tokenizer ``key``."""
+        if self.corpus_key.setdefault(dataset, key) != key:
+            return  # another model's tokens: not this dataset's index (one model per run)
+        log, cap = self.corpus[dataset], self.corpus_cap
+        for o in outputs:
+            o = array("i", o[: cap - 1])
+            if not o:
+                continue
+            self.corpus_seq += 1
+            log.append((self.corpus_seq, actor_id, o))
+            self.corpus_tokens[dataset] += len(o) + 1
+        while self.corpus_tokens[dataset] > cap:
+            self.corpus_tokens[dataset] -= len(log.popleft()[2]) + 1
+
+    def corpus_since(self, dataset: str, after: int, actor_id: str, max_tokens: int) -> tuple[int, list]:
+        """(last sequence number read, outputs other actors sent after ``after``), at most ``max_tokens``
+        tokens (at least one output); ask again with the returned number until the list is empty."""
+        out, tokens, last = [], 0, after
+        for seq, who, o in self.corpus.get(dataset, ()):
+            if seq <= after:
+                continue
+            if out and tokens + len(o) > max_tokens:
+                break
+            last = seq
+            if who != actor_id:
+                out.append(o)
+                tokens += len(o)
+        return last, out
+
+    def corpus_pooled(self) -> dict[str, tuple[str, list]]:
+        """{dataset: (key, this run's outputs, oldest first)} for the driver to save."""
+        return {d: (self.corpus_key[d], [o for _, _, o in log]) for d, log in self.corpus.items()}
 
     def surface(self, key: str) -> dict | None:
         """A cost surface another actor measured on the same kind of accelerator (``drafter: auto``)."""
@@ -112,7 +155,7 @@ class Coordinator:
         return dict(self.model)
 
 
-def start_coordinator(name: str, namespace: str | None = None):
+def start_coordinator(name: str, namespace: str | None = None, corpus_cap: int = 1 << 20):
     """The run's coordinator as a named actor on the driver's own node (no CPU taken). A node's loss
     that takes the coordinator with it takes the driver too, which no Ray job survives; every other
     node can go (an actor on a worker node would fail every generation actor that asks it)."""
@@ -121,4 +164,4 @@ def start_coordinator(name: str, namespace: str | None = None):
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
     return ray.remote(num_cpus=0)(Coordinator).options(name=name, namespace=namespace, get_if_exists=True,
-                                                       scheduling_strategy=here).remote()
+                                                       scheduling_strategy=here).remote(corpus_cap=corpus_cap)

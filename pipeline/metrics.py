@@ -23,9 +23,9 @@ METRIC_FIELDS = (
     "spec_gain", "spec_gain_width", "tau",
     "acceptance_rate", "skip_set", "skip_ratio", "search_iterations", "exact_match_rate", "rouge2",
     "accelerator_type", "accelerator_count", "num_actors", "plain_step_share", "ngram_step_share",
-    "layerskip_step_share", "startup_seconds",
+    "corpus_step_share", "layerskip_step_share", "startup_seconds",
 )
-STEP_KINDS = ("plain", "ngram", "layerskip")  # a row's steps by the drafter whose draft was verified
+STEP_KINDS = ("plain", "ngram", "corpus", "layerskip")  # a row's steps by the drafter whose draft was verified
 
 
 def dedupe(table: pa.Table) -> pa.Table:
@@ -211,7 +211,7 @@ SUMMARY_COLUMNS = (  # (header, metrics field or None for a composed cell)
     ("dataset", "dataset"), ("rows", "rows_ok"), ("errors", "rows_error"), ("gen tok", "generated_tokens"),
     ("job tok/s", "job_tokens_per_s"), ("engine tok/s", "engine_tokens_per_s"),
     ("gain", "spec_gain"), ("spec/plain tok/s @width", None), ("tau", "tau"), ("accept", "acceptance_rate"),
-    ("exact", "exact_match_rate"), ("rouge2", "rouge2"), ("ngram/lskip steps", None), ("skip set", "skip_set"),
+    ("exact", "exact_match_rate"), ("rouge2", "rouge2"), ("ngram/corpus/lskip steps", None), ("skip set", "skip_set"),
 )
 
 
@@ -226,7 +226,7 @@ def _cells(m: dict) -> list[str]:
     return [m["dataset"], str(m["rows_ok"]), str(m["rows_error"]), str(m["generated_tokens"]),
             f(m["job_tokens_per_s"], ".1f"), f(m["engine_tokens_per_s"], ".1f"), f(m["spec_gain"]), pair,
             f(m["tau"]), f(m["acceptance_rate"]), f(m["exact_match_rate"]), f(m["rouge2"], ".3f"),
-            f"{f(m['ngram_step_share'], '.0%')}/{f(m['layerskip_step_share'], '.0%')}",
+            f"{f(m['ngram_step_share'], '.0%')}/{f(m['corpus_step_share'], '.0%')}/{f(m['layerskip_step_share'], '.0%')}",
             ",".join(map(str, m["skip_set"])) or "-"]
 
 
@@ -245,7 +245,7 @@ def summary_table(metrics: list[dict]) -> str:
         + (f", {startup:.1f} s of it start-up" if startup is not None else "") + "); "
         f"engine tok/s = gen tok / engine seconds ({a['compute_seconds']:.1f} s, summed over actors)",
         f"gain = spec/plain tok/s on the {a['baseline_rows']} baseline rows, each decoded both ways at the width "
-        "after @; steps: shares of n-gram / layer-skip drafts; skip set: where layer-skip drafts ran",
+        "after @; steps: shares of n-gram / corpus / layer-skip drafts; skip set: where layer-skip drafts ran",
         "every column: docs/generate.md#output-columns",
     ]
     return "\n".join(out)

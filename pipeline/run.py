@@ -10,8 +10,9 @@
 4. check that every input id is committed and count ids committed twice (one pass over hash buckets
    of the input's and the outputs' ids, in Ray tasks),
    stream the committed generations through running sums into ``metrics.parquet``, write
-   ``skip_sets.json`` and ``actors.json``, merge searched sets into the skip-set registry, and
-   return the metrics.
+   ``skip_sets.json`` and ``actors.json``, merge searched sets into the skip-set registry, merge
+   the run's pooled outputs into the saved corpus indexes (``pipeline.corpus``), and return the
+   metrics.
 
 The driver never holds the corpus's outputs, and holds ids only up to ``ray.driver_ids`` of them
 (the resume filter's set on small runs); above that it sees only counts, example ids and one object
@@ -37,6 +38,7 @@ from . import io as storage_io
 from .actor import GenerationActor
 from .config import PipelineConfig, validate
 from .coordinator import start_coordinator
+from .corpus import corpus_dir, save_pooled, uses_corpus
 from .metrics import MetricsAccumulator, metrics_table, summary_table
 from .progress import JobProgress
 from .reader import ROW_FIELDS, read_rows
@@ -247,7 +249,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
             return previous
 
     coord_name = f"conflayers-coordinator-{uuid.uuid4().hex[:8]}"
-    coordinator = start_coordinator(coord_name)
+    coordinator = start_coordinator(coord_name, corpus_cap=cfg.corpus.max_tokens_indexed)
     r = cfg.ray
 
     ds = ds.repartition(target_num_rows_per_block=r.batch_size)  # one block per actor call: spread, and logged per batch
@@ -285,6 +287,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
     sets = ray.get(coordinator.summary.remote())
     model = ray.get(coordinator.model_info.remote())
     actors = ray.get(coordinator.actors_info.remote())
+    pooled = ray.get(coordinator.corpus_pooled.remote()) if uses_corpus(cfg) else {}
     ray.kill(coordinator)
 
     duplicated = check_exactly_once(cfg, files)
@@ -308,6 +311,9 @@ def run(cfg: PipelineConfig) -> list[dict]:
     merged = _merge_registry(cfg, sets, model)
     if merged:
         log.info("merged %d skip set(s) into the registry %s", merged, cfg.search.registry)
+    saved = save_pooled(cfg, pooled)
+    if saved:
+        log.info("saved %d corpus index(es) under %s", saved, corpus_dir(cfg))
     print(summary_table(metrics), flush=True)
     log.info("%d rows (%d errors) in %.1f s; outputs under %s", rows_done, errors, wall, cfg.output.path)
     return metrics

@@ -228,3 +228,43 @@ def test_s3_corpus_and_outputs(ray_local, tiny_dir, tmp_path):
             s3.download_file("corpus", k, str(local / os.path.basename(k)))
             got += pq.read_table(local / os.path.basename(k)).column("id").to_pylist()
         assert sorted(got) == sorted(ids)
+
+
+def test_corpus_index_is_pooled_saved_and_starts_the_next_run_warm(ray_local, tiny_dir, tmp_path):
+    """drafter corpus, two actors: the saved index holds every row's output once (pooled from both
+    actors); a second run over the same prompts starts from it and drafts from it (a random tiny
+    model repeats its greedy outputs exactly); a damaged file is a cold start, then replaced."""
+    from conflayers.corpus import unpack
+
+    corpus = tmp_path / "corpus.jsonl"
+    ids = write_corpus(corpus, n=8)
+    idx = tmp_path / "indexes"
+    common = {"search.drafter": "corpus", "corpus.path": str(idx), "ray.concurrency": 2, "ray.num_cpus_per_actor": 0.5,
+              "generation.max_tokens": 12, "search.max_draft_len": 4}
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(tmp_path / "run1"), **common))
+    first = _generations(tmp_path / "run1")
+    files = sorted(idx.glob("*.clsx"))
+    assert sorted(f.name.split("-")[0] for f in files) == ["alpha", "beta"]
+    saved = {f.name.split("-")[0]: unpack(f.read_bytes())[2] for f in files}
+    for d in ("alpha", "beta"):
+        want = sorted(r["num_generated_tokens"] for r in first if r["dataset"] == d)
+        assert sorted(len(o) for o in saved[d]) == want  # every row once, from both actors
+    assert all(r["corpus_steps"] == 0 for r in first if r["id"] == "r0")  # the first row had nothing to copy
+
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(tmp_path / "run2"), **common))
+    second = {r["id"]: r for r in _generations(tmp_path / "run2")}
+    assert sorted(second) == sorted(ids)
+    assert {r["id"]: r["generated_text"] for r in first} == {i: r["generated_text"] for i, r in second.items()}
+    warm = [r for r in second.values() if r["num_generated_tokens"] > 1]
+    assert all(r["corpus_steps"] > 0 for r in warm) and sum(r["accepted"] for r in warm) > 0
+    assert all(r["plain_steps"] + r["ngram_steps"] + r["corpus_steps"] + r["layerskip_steps"] == r["steps"]
+               for r in second.values())
+    assert {f.name: len(unpack(f.read_bytes())[2]) for f in files} == {
+        f.name: 2 * len(saved[f.name.split("-")[0]]) for f in files}  # the second run's outputs merged in
+
+    files[0].write_bytes(b"CLSX garbage")
+    _run(ray_local, job_overrides(tiny_dir, str(corpus), str(tmp_path / "run3"), **common))
+    third = _generations(tmp_path / "run3")
+    assert sorted(r["id"] for r in third) == sorted(ids) and not any(r["error_type"] for r in third)
+    d = files[0].name.split("-")[0]
+    assert len(unpack(files[0].read_bytes())[2]) == sum(r["dataset"] == d for r in third)  # replaced, valid

@@ -4,6 +4,7 @@ Layout under ``output.path`` (local or ``s3://``)::
 
     state/lock.json                      the run lock (pipeline.summarize.lock)
     state/manifest.parquet               per document: the version last committed, and by which run
+    state/corpus/                        the corpus indexes the ticks' summaries teach (pipeline.corpus)
     runs/<run_id>/documents.jsonl        the run's plan: its document versions (and prompts)
     runs/<run_id>/input.jsonl            the prompts, as the generation pipeline reads them
     runs/<run_id>/work/                  the generation pipeline's outputs (batches, metrics, skip sets)
@@ -32,7 +33,7 @@ import logging
 import os
 import posixpath
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -113,9 +114,14 @@ def validate_summarize(cfg: SummarizeConfig) -> SummarizeConfig:
 
 
 def pipeline_config(cfg: SummarizeConfig, run_dir: str) -> PipelineConfig:
-    """The generation pipeline's config for one tick: the shared sections as given."""
+    """The generation pipeline's config for one tick: the shared sections as given, except that the
+    corpus indexes are kept under ``state/corpus`` unless ``corpus.path`` says where (so each tick
+    starts from what the earlier ticks' summaries taught it)."""
+    shared = shared_sections(cfg)
+    if not cfg.corpus.path:
+        shared["corpus"] = replace(cfg.corpus, path=_p(cfg, "state", "corpus"))
     return PipelineConfig(
-        **shared_sections(cfg),
+        **shared,
         input=InputConfig(path=storage_io.join(run_dir, "input.jsonl"), format="records"),
         output=OutputConfig(path=storage_io.join(run_dir, "work"), resume=True),
     )
@@ -128,7 +134,7 @@ SUMMARY_SCHEMA = pa.schema([
     ("compression_ratio", pa.float64()), ("truncated", pa.bool_()), ("hit_budget", pa.bool_()),
     ("rouge2", pa.float64()), ("finish_reason", pa.string()), ("tau", pa.float64()),
     ("acceptance_rate", pa.float64()), ("plain_steps", pa.int64()), ("ngram_steps", pa.int64()),
-    ("layerskip_steps", pa.int64()), ("skip_set", pa.list_(pa.int64())), ("error_type", pa.string()),
+    ("corpus_steps", pa.int64()), ("layerskip_steps", pa.int64()), ("skip_set", pa.list_(pa.int64())), ("error_type", pa.string()),
     ("error_message", pa.string()),
 ])
 RUN_SCHEMA = pa.schema([
@@ -284,7 +290,7 @@ def _summary_rows(meta: dict[str, dict], gens: dict[str, dict], rid: str) -> lis
         row["run_id"] = rid
         if not m["error_type"]:
             for k in ("num_input_tokens", "num_generated_tokens", "finish_reason", "tau", "acceptance_rate",
-                      "plain_steps", "ngram_steps", "layerskip_steps", "skip_set", "error_type", "error_message"):
+                      "plain_steps", "ngram_steps", "corpus_steps", "layerskip_steps", "skip_set", "error_type", "error_message"):
                 row[k] = g.get(k)
             text = (g.get("generated_text") or "").strip()
             row["summary"] = text

@@ -1,0 +1,98 @@
+"""Corpus indexes shared and kept: the coordinator's pool, the saved files (no Ray here; the job
+test runs them end to end)."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+from conflayers.corpus import pack, unpack
+from pipeline.config import PipelineConfig
+from pipeline.coordinator import Coordinator
+from pipeline.corpus import corpus_dir, index_file, keep_newest, load_index, save_pooled
+
+
+def test_the_pool_hands_each_actor_the_others_outputs_in_bounded_messages():
+    c = Coordinator(corpus_cap=1000)
+    c.corpus_put("d", "k", "a1", [[1, 2, 3], [4, 5]])
+    c.corpus_put("d", "k", "a2", [[6, 7, 8, 9], [10] * 5, [11] * 5])
+    c.corpus_put("e", "k", "a2", [[12]])
+    got, after = [], 0
+    while True:  # a1 asks in messages of at most 6 tokens: it gets a2's outputs, never its own
+        after, outs = c.corpus_since("d", after, "a1", 6)
+        if not outs:
+            break
+        assert sum(map(len, outs)) <= 6 or len(outs) == 1
+        got += [list(o) for o in outs]
+    assert got == [[6, 7, 8, 9], [10] * 5, [11] * 5]
+    assert c.corpus_since("d", after, "a1", 6) == (after, [])  # nothing new
+    c.corpus_put("d", "k", "a2", [[13, 14]])
+    assert [list(o) for o in c.corpus_since("d", after, "a1", 6)[1]] == [[13, 14]]
+    assert [list(o) for o in c.corpus_since("d", 0, "a3", 100)[1]] == [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10] * 5,
+                                                                        [11] * 5, [13, 14]]
+    c.corpus_put("d", "other-model", "a3", [[99]])  # another model's tokens are not this dataset's
+    key, outs = c.corpus_pooled()["d"]
+    assert key == "k" and [99] not in [list(o) for o in outs]
+
+
+def test_the_pool_never_holds_more_than_its_cap():
+    c = Coordinator(corpus_cap=50)
+    for i in range(40):
+        c.corpus_put("d", "k", f"a{i % 3}", [[i] * (i % 7 + 1)])
+        assert c.corpus_tokens["d"] <= 50
+        assert c.corpus_tokens["d"] == sum(len(o) + 1 for _, _, o in c.corpus["d"])
+    outs = c.corpus_pooled()["d"][1]
+    assert [o[0] for o in outs] == list(range(40 - len(outs), 40))  # the newest, in order
+
+
+def test_keep_newest_fits_the_cap():
+    outs = [[1] * 5, [2] * 3, [3] * 4]
+    assert keep_newest(outs, 100) == outs
+    assert keep_newest(outs, 10) == [[2] * 3, [3] * 4]
+    assert keep_newest(outs, 4) == [[3] * 4]  # an output past the cap keeps its first cap - 1 tokens when indexed
+
+
+def _cfg(tmp_path, **corpus):
+    cfg = PipelineConfig()
+    return SimpleNamespace(corpus=SimpleNamespace(**{**vars(cfg.corpus), **corpus}), search=cfg.search,
+                           storage=cfg.storage)
+
+
+def test_indexes_are_saved_merged_and_loaded_per_dataset_and_model(tmp_path):
+    cfg = _cfg(tmp_path, path=str(tmp_path / "idx"), max_tokens_indexed=30)
+    assert save_pooled(cfg, {"d": ("model-A", [[1, 2, 3], [4, 5, 6]]), "e/x y": ("model-A", [[7, 8]])}) == 2
+    ix = load_index(cfg, "d", "model-A")
+    assert [list(o) for o in ix.outputs] == [[1, 2, 3], [4, 5, 6]] and ix.key == "model-A" and ix.cap == 30
+    assert ix.propose([1, 2], 4) == [3]
+    assert [list(o) for o in load_index(cfg, "e/x y", "model-A").outputs] == [[7, 8]]
+    assert load_index(cfg, "d", "model-B").tokens_indexed == 0  # another model: another file, none yet
+    # the next run's outputs are merged in, the oldest dropped past the cap
+    save_pooled(cfg, {"d": ("model-A", [[9] * 11, [10] * 10])})
+    assert [list(o) for o in load_index(cfg, "d", "model-A").outputs] == [[4, 5, 6], [9] * 11, [10] * 10]
+
+
+def test_a_damaged_index_file_starts_the_dataset_cold_and_is_replaced(tmp_path, caplog):
+    cfg = _cfg(tmp_path, path=str(tmp_path / "idx"))
+    save_pooled(cfg, {"d": ("m", [[1, 2, 3]])})
+    path = index_file(str(tmp_path / "idx"), "d", "m")
+    data = bytearray(open(path, "rb").read())
+    data[-6] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="pipeline.corpus"):
+        ix = load_index(cfg, "d", "m")
+    assert ix.tokens_indexed == 0 and "checksum" in caplog.text and "starts with an empty index" in caplog.text
+    save_pooled(cfg, {"d": ("m", [[4, 5]])})  # the end of that run writes a good file in its place
+    assert [list(o) for o in unpack(open(path, "rb").read(), key="m")[2]] == [[4, 5]]
+    open(path, "wb").write(pack([[1]], key="someone-else"))  # a file under this name for another key
+    with caplog.at_level(logging.WARNING, logger="pipeline.corpus"):
+        assert load_index(cfg, "d", "m").tokens_indexed == 0
+    assert "refusing it" in caplog.text
+
+
+def test_where_indexes_are_kept(tmp_path):
+    cfg = PipelineConfig()
+    assert corpus_dir(cfg) is None  # neither corpus.path nor a registry: nothing saved
+    cfg.search.registry = str(tmp_path / "reg" / "skip_sets.json")
+    assert corpus_dir(cfg) == str(tmp_path / "reg" / "corpus")
+    cfg.corpus.path = "s3://bucket/idx"
+    assert corpus_dir(cfg) == "s3://bucket/idx"
