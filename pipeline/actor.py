@@ -181,6 +181,9 @@ class GenerationActor:
         self.auto = None  # the drafter: auto controller, made at the first batch
         self.corpus = None  # the corpus drafter (its index per dataset), made at the first batch
         self.corpus_seen: dict[str, int] = {}  # per dataset: the last pooled output taken from the coordinator
+        # a server (lanes) drafts from the saved indexes as they are: an identical seeded request must
+        # get identical drafts (and so the same samples), whatever was served in between
+        self.learns_corpus = not lanes
         self.baseline_count: Counter = Counter()
         self.coordinator = None
         if coordinator:
@@ -288,7 +291,7 @@ class GenerationActor:
             self.corpus_key = index_key(self.model_id, self.tokenizer)
             self.corpus = CorpusDrafter(new_index=lambda d: load_index(self.cfg, d, self.corpus_key),
                                         max_tokens=self.cfg.search.max_draft_len,
-                                        learn_prompts=self.cfg.corpus.learn_prompts)
+                                        learn_finished=self.learns_corpus, learn_prompts=self.cfg.corpus.learn_prompts)
         if self.coordinator is None:
             return
         import ray
