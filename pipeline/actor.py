@@ -291,7 +291,7 @@ class GenerationActor:
             self.corpus_key = index_key(self.model_id, self.tokenizer)
             self.corpus = CorpusDrafter(new_index=lambda d: load_index(self.cfg, d, self.corpus_key),
                                         max_tokens=self.cfg.search.max_draft_len,
-                                        learn_finished=self.learns_corpus, learn_prompts=self.cfg.corpus.learn_prompts)
+                                        learn_finished=self.learns_corpus, learn_prompts=self.cfg.corpus_index.learn_prompts)
         if self.coordinator is None:
             return
         import ray
@@ -300,7 +300,7 @@ class GenerationActor:
             self.corpus.index_for(d)  # the saved index first, then this run's pooled outputs
             while True:
                 last, outs = ray.get(self.coordinator.corpus_since.remote(
-                    d, self.corpus_seen.get(d, 0), self.actor_id, self.cfg.corpus.share_tokens))
+                    d, self.corpus_seen.get(d, 0), self.actor_id, self.cfg.corpus_index.share_tokens))
                 self.corpus_seen[d] = last
                 for o in outs:
                     self.corpus.learn(o, d)
@@ -460,7 +460,7 @@ class GenerationActor:
                     out[i]["error_type"], out[i]["error_message"] = "kv_budget", r.error
                     continue
                 dataset = out[i]["dataset"]
-                finished[dataset].append((list(prompt_ids[i]) if self.cfg.corpus.learn_prompts else [])
+                finished[dataset].append((list(prompt_ids[i]) if self.cfg.corpus_index.learn_prompts else [])
                                          + list(r.token_ids))
                 obs = per_dataset[dataset]
                 # a row's share of the stream's wall time is its share of the tokens generated

@@ -121,7 +121,7 @@ class ProgressConfig:
 
 
 @dataclass
-class CorpusConfig:
+class CorpusIndexConfig:
     enabled: bool = True  # drafter auto: corpus drafts (from the dataset's earlier outputs) among its choices
     max_tokens_indexed: int = 1048576  # per dataset per actor (~64 bytes a token); the oldest outputs go first
     learn_prompts: bool = False  # index prompt + output (default: outputs only)
@@ -140,7 +140,7 @@ class JobSections:
     search: SearchConfig = field(default_factory=SearchConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     ray: RayConfig = field(default_factory=RayConfig)
-    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    corpus_index: CorpusIndexConfig = field(default_factory=CorpusIndexConfig)
     progress: ProgressConfig = field(default_factory=ProgressConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     fail_fast: bool = False
@@ -190,9 +190,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
            "must be a local path (the registry is a local JSON file)")
     check(all(isinstance(i, int) and i >= 0 for i in s.skip_layers), "search.skip_layers",
            f"must be a list of layer indices, got {s.skip_layers!r}")
-    c = cfg.corpus
-    check(c.max_tokens_indexed >= 2, "corpus.max_tokens_indexed", f"must be >= 2, got {c.max_tokens_indexed}")
-    check(c.share_tokens >= 1, "corpus.share_tokens", f"must be >= 1, got {c.share_tokens}")
+    c = cfg.corpus_index
+    check(c.max_tokens_indexed >= 2, "corpus_index.max_tokens_indexed", f"must be >= 2, got {c.max_tokens_indexed}")
+    check(c.share_tokens >= 1, "corpus_index.share_tokens", f"must be >= 1, got {c.share_tokens}")
     b = cfg.baseline
     check(0 <= b.fraction <= 1, "baseline.fraction", f"must be in [0, 1], got {b.fraction}")
     check(b.min_per_dataset >= 0, "baseline.min_per_dataset", f"must be >= 0, got {b.min_per_dataset}")

@@ -5,13 +5,13 @@ are shared and kept like this:
 
 - **in a run**: after each batch an actor sends that batch's finished outputs per dataset to the
   coordinator (``Coordinator.corpus_put``); before each batch it takes the outputs other actors
-  sent since it last asked (``corpus_since``, at most ``corpus.share_tokens`` tokens a message)
+  sent since it last asked (``corpus_since``, at most ``corpus_index.share_tokens`` tokens a message)
   and indexes them. The coordinator keeps the run's outputs per dataset, oldest dropped past
-  ``corpus.max_tokens_indexed``.
-- **across runs**: an actor starting a dataset loads ``<corpus.path>/<dataset>-<key hash>.clsx``
+  ``corpus_index.max_tokens_indexed``.
+- **across runs**: an actor starting a dataset loads ``<corpus_index.path>/<dataset>-<key hash>.clsx``
   (the file names the model and tokenizer it was built for: another model's index is another
   file); at the end of the run the driver merges the run's pooled outputs into that file (oldest
-  dropped past the cap) and writes it atomically. ``corpus.path`` defaults to ``corpus/`` next to
+  dropped past the cap) and writes it atomically. ``corpus_index.path`` defaults to ``corpus/`` next to
   ``search.registry`` (the summarization job: its state directory); with neither, nothing is saved.
   A damaged or foreign file is ignored with a warning: the dataset starts cold, and the end of the
   run writes a good file in its place.
@@ -31,9 +31,9 @@ SUFFIX = ".clsx"
 
 
 def corpus_dir(cfg) -> str | None:
-    """Where the indexes are saved: ``corpus.path``, else ``corpus/`` next to the registry, else None."""
-    if cfg.corpus.path:
-        return cfg.corpus.path
+    """Where the indexes are saved: ``corpus_index.path``, else ``corpus/`` next to the registry, else None."""
+    if cfg.corpus_index.path:
+        return cfg.corpus_index.path
     if cfg.search.registry:
         return os.path.join(os.path.dirname(os.path.abspath(cfg.search.registry)), "corpus")
     return None
@@ -54,7 +54,7 @@ def index_key(model_id: str, tokenizer) -> str:
 
 
 def uses_corpus(cfg) -> bool:
-    return cfg.search.drafter == "corpus" or (cfg.search.drafter == "auto" and cfg.corpus.enabled)
+    return cfg.search.drafter == "corpus" or (cfg.search.drafter == "auto" and cfg.corpus_index.enabled)
 
 
 def load_index(cfg, dataset: str, key: str):
@@ -62,7 +62,7 @@ def load_index(cfg, dataset: str, key: str):
     file that cannot be used: a warning says why)."""
     from conflayers.corpus import SuffixIndex
 
-    cap = cfg.corpus.max_tokens_indexed
+    cap = cfg.corpus_index.max_tokens_indexed
     directory = corpus_dir(cfg)
     if directory:
         path = index_file(directory, dataset, key)
@@ -85,7 +85,7 @@ def save_pooled(cfg, pooled: dict[str, tuple[str, list]]) -> int:
     directory = corpus_dir(cfg)
     if not directory:
         return 0
-    cap, n = cfg.corpus.max_tokens_indexed, 0
+    cap, n = cfg.corpus_index.max_tokens_indexed, 0
     for dataset, (key, outputs) in sorted(pooled.items()):
         if not outputs:
             continue

@@ -249,7 +249,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
             return previous
 
     coord_name = f"conflayers-coordinator-{uuid.uuid4().hex[:8]}"
-    coordinator = start_coordinator(coord_name, corpus_cap=cfg.corpus.max_tokens_indexed)
+    coordinator = start_coordinator(coord_name, corpus_cap=cfg.corpus_index.max_tokens_indexed)
     r = cfg.ray
 
     ds = ds.repartition(target_num_rows_per_block=r.batch_size)  # one block per actor call: spread, and logged per batch

@@ -54,7 +54,7 @@ def test_keep_newest_fits_the_cap():
 
 def _cfg(tmp_path, **corpus):
     cfg = PipelineConfig()
-    return SimpleNamespace(corpus=SimpleNamespace(**{**vars(cfg.corpus), **corpus}), search=cfg.search,
+    return SimpleNamespace(corpus_index=SimpleNamespace(**{**vars(cfg.corpus_index), **corpus}), search=cfg.search,
                            storage=cfg.storage)
 
 
@@ -91,8 +91,8 @@ def test_a_damaged_index_file_starts_the_dataset_cold_and_is_replaced(tmp_path, 
 
 def test_where_indexes_are_kept(tmp_path):
     cfg = PipelineConfig()
-    assert corpus_dir(cfg) is None  # neither corpus.path nor a registry: nothing saved
+    assert corpus_dir(cfg) is None  # neither corpus_index.path nor a registry: nothing saved
     cfg.search.registry = str(tmp_path / "reg" / "skip_sets.json")
     assert corpus_dir(cfg) == str(tmp_path / "reg" / "corpus")
-    cfg.corpus.path = "s3://bucket/idx"
+    cfg.corpus_index.path = "s3://bucket/idx"
     assert corpus_dir(cfg) == "s3://bucket/idx"

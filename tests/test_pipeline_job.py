@@ -239,7 +239,7 @@ def test_corpus_index_is_pooled_saved_and_starts_the_next_run_warm(ray_local, ti
     corpus = tmp_path / "corpus.jsonl"
     ids = write_corpus(corpus, n=8)
     idx = tmp_path / "indexes"
-    common = {"search.drafter": "corpus", "corpus.path": str(idx), "ray.concurrency": 2, "ray.num_cpus_per_actor": 0.5,
+    common = {"search.drafter": "corpus", "corpus_index.path": str(idx), "ray.concurrency": 2, "ray.num_cpus_per_actor": 0.5,
               "generation.max_tokens": 12, "search.max_draft_len": 4}
     _run(ray_local, job_overrides(tiny_dir, str(corpus), str(tmp_path / "run1"), **common))
     first = _generations(tmp_path / "run1")

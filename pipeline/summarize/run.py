@@ -115,11 +115,11 @@ def validate_summarize(cfg: SummarizeConfig) -> SummarizeConfig:
 
 def pipeline_config(cfg: SummarizeConfig, run_dir: str) -> PipelineConfig:
     """The generation pipeline's config for one tick: the shared sections as given, except that the
-    corpus indexes are kept under ``state/corpus`` unless ``corpus.path`` says where (so each tick
+    corpus indexes are kept under ``state/corpus`` unless ``corpus_index.path`` says where (so each tick
     starts from what the earlier ticks' summaries taught it)."""
     shared = shared_sections(cfg)
-    if not cfg.corpus.path:
-        shared["corpus"] = replace(cfg.corpus, path=_p(cfg, "state", "corpus"))
+    if not cfg.corpus_index.path:
+        shared["corpus_index"] = replace(cfg.corpus_index, path=_p(cfg, "state", "corpus"))
     return PipelineConfig(
         **shared,
         input=InputConfig(path=storage_io.join(run_dir, "input.jsonl"), format="records"),
