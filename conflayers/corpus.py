@@ -493,8 +493,8 @@ class CorpusDrafter:
         out = []
         for hist, limit, d, group in zip(histories, limits, own, groups):
             c, match = [], 0
-            ix = self.indexes.get(group)
-            if limit > 0 and ix is not None and ix.tokens_indexed:
+            ix = self._index(group)  # a group seen for the first time: new_index(group) (a saved index, say)
+            if limit > 0 and ix.tokens_indexed:
                 v, match = self._row_match(hist, group, ix)
                 c = ix._walk(v, match, limit)
             if c and len(c) > len(d):

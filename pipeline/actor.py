@@ -292,12 +292,13 @@ class GenerationActor:
             self.corpus = CorpusDrafter(new_index=lambda d: load_index(self.cfg, d, self.corpus_key),
                                         max_tokens=self.cfg.search.max_draft_len,
                                         learn_finished=self.learns_corpus, learn_prompts=self.cfg.corpus_index.learn_prompts)
+        for d in datasets:
+            self.corpus.index_for(d)  # the saved index first, then this run's pooled outputs
         if self.coordinator is None:
             return
         import ray
 
         for d in datasets:
-            self.corpus.index_for(d)  # the saved index first, then this run's pooled outputs
             while True:
                 last, outs = ray.get(self.coordinator.corpus_since.remote(
                     d, self.corpus_seen.get(d, 0), self.actor_id, self.cfg.corpus_index.share_tokens))

@@ -198,3 +198,14 @@ def test_controller_trusts_long_corpus_matches_and_not_short_ones():
         assert src == "corpus" and n > 0
     short, long_ = ctl._cp_rate("", 1).value(), ctl._cp_rate("", 20).value()
     assert short < 0.2 and long_ > 0.9
+
+
+def test_a_group_seen_first_gets_its_index_from_new_index():
+    """A saved index (here: one made by ``new_index``) drafts for its group's rows from the first step."""
+    saved = SuffixIndex(depth=8)
+    saved.add([5, 6, 7, 8, 9, 10])
+    made = []
+    d = CorpusDrafter(learn_finished=False,
+                      new_index=lambda g: made.append(g) or (saved if g == "tagged" else SuffixIndex()))
+    assert d.candidates([[1, 5, 6], [1, 5, 6]], [3, 3], ["tagged", "other"]) == [[7, 8, 9], []]
+    assert made == ["tagged", "other"] and d.index_for("tagged") is saved

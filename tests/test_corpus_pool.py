@@ -96,3 +96,23 @@ def test_where_indexes_are_kept(tmp_path):
     assert corpus_dir(cfg) == str(tmp_path / "reg" / "corpus")
     cfg.corpus_index.path = "s3://bucket/idx"
     assert corpus_dir(cfg) == "s3://bucket/idx"
+
+
+def test_an_actor_without_a_coordinator_drafts_from_the_saved_index(tmp_path):
+    """What a Serve replica does: its dataset's saved index is loaded at the dataset's first request,
+    and a server (lanes) does not add what it serves to it."""
+    from pipeline.actor import GenerationActor
+    from pipeline.corpus import index_key
+    from tests.pipeline_helpers import save_tiny_model
+
+    model_dir = save_tiny_model(tmp_path / "model")
+    cfg = PipelineConfig()
+    cfg.model.source, cfg.engine.max_batch, cfg.search.drafter = model_dir, 2, "corpus"
+    cfg.corpus_index.path = str(tmp_path / "idx")
+    actor = GenerationActor(cfg, lanes=1)
+    key = index_key(actor.model_id, actor.tokenizer)
+    save_pooled(cfg, {"support": (key, [[5, 6, 7, 8, 9]])})
+    drafter = actor._drafter(["support"])
+    assert drafter is actor.corpus and not drafter.learn_finished
+    assert [list(o) for o in drafter.index_for("support").outputs] == [[5, 6, 7, 8, 9]]
+    assert drafter.candidates([[1, 5, 6]], [3], ["support"]) == [[7, 8, 9]]
