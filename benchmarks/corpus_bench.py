@@ -184,7 +184,7 @@ def main() -> None:
     rows_out = []
     for wname, w in workloads.items():
         t0 = time.perf_counter()
-        warm_out = [r.token_ids for r in engine.generate(w["warm"], gc, max_batch=max(widths))]
+        warm_out = [r.token_ids for r in engine.generate(w["warm"], gc, max_batch=min(8, max(widths)))]
         print(f"{wname}: warm-up outputs {sum(map(len, warm_out))} tokens in {time.perf_counter() - t0:.0f} s",
               flush=True)
         for width in widths:
@@ -198,7 +198,7 @@ def main() -> None:
                 order = methods[rnd % len(methods):] + methods[: rnd % len(methods)]
                 for m in order:
                     t = time.perf_counter()
-                    res = engine.generate([Request(p, N, group="") for p in part], gc, drafters[m], max_batch=width)
+                    res = engine.generate([Request(p, N, group="") for p in part], gc, drafters[m], max_batch=in_flight)
                     acc[m]["seconds"] += time.perf_counter() - t
                     acc[m]["tokens"] += sum(len(r.token_ids) for r in res)
                     acc[m]["outputs"] += [r.token_ids for r in res]
