@@ -18,6 +18,7 @@ a drafter keeps its index across rounds. Output must equal plain decoding at the
 
     python benchmarks/corpus_bench.py [--rows 16] [--warm-rows 24] [--widths 1,auto] [--threads 1]
         [--out docs/benchmarks/corpus]
+    python benchmarks/corpus_bench.py --replot docs/benchmarks/corpus   # the plot again, from results.json
 """
 
 from __future__ import annotations
@@ -116,6 +117,35 @@ def specbench(n_test: int, n_warm: int) -> tuple[list[str], list[str], list[str]
     return test, test_cats, warm
 
 
+def plot(results: dict, path: Path) -> None:
+    """Bars of tokens/s over plain decoding: a panel per width, a group per workload, a bar per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(results["cells"].values())
+    widths = sorted({c["in_flight"] if "in_flight" in c else c["width"] for c in cells})
+    workloads = list(dict.fromkeys(c["workload"] for c in cells))
+    methods = [m for m in dict.fromkeys(c["method"] for c in cells) if m != "plain"]
+    fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4.2), sharey=True, squeeze=False)
+    for ax, width in zip(axes[0], widths):
+        for j, m in enumerate(methods):
+            ys = [next((c["vs_plain"] for c in cells if c["workload"] == w and c["method"] == m
+                        and c.get("in_flight", c["width"]) == width), 0.0) for w in workloads]
+            xs = [i + (j - (len(methods) - 1) / 2) * 0.8 / len(methods) for i in range(len(workloads))]
+            ax.bar(xs, ys, width=0.8 / len(methods), label=m)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(workloads)), [w.replace("_", "\n") for w in workloads], fontsize=8)
+        ax.set_title(f"{width} row{'s' if width > 1 else ''} in flight")
+    axes[0][0].set_ylabel("tokens/s over plain decoding")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle("Corpus drafts, SmolLM2-135M on CPU (greedy; output identical to plain)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=16, help="test rows per synthetic workload")
@@ -129,7 +159,11 @@ def main() -> None:
     ap.add_argument("--index-memory-tokens", type=int, default=1_000_000,
                     help="tokens for the index-memory measurement (0: skip)")
     ap.add_argument("--out")
+    ap.add_argument("--replot", help="draw speedup.png again from DIR/results.json and stop")
     args = ap.parse_args()
+    if args.replot:
+        plot(json.loads((Path(args.replot) / "results.json").read_text()), Path(args.replot) / "speedup.png")
+        return
     torch.set_num_threads(args.threads)
     model, tok = load_model()
     engine = Engine(model)
@@ -276,7 +310,8 @@ def main() -> None:
         (out / "table.md").write_text(f"# Corpus drafts\n\n{header}\n\n`{command}`\n\n{t1}\n\n"
                                       f"Spec-Bench by category:\n\n{t2}\n\n{mem_line}\n")
         (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-        print(f"wrote {out}/table.md, results.json")
+        plot(results, out / "speedup.png")
+        print(f"wrote {out}/table.md, results.json, speedup.png")
 
 
 if __name__ == "__main__":

@@ -255,7 +255,7 @@ class AutoDrafter:
         lens, acc = outcome.lens.tolist(), outcome.accepted.tolist()
         if d.get("searcher_step"):  # the searcher asked for this step: it sees it (as a plain step of its own)
             self.layer_skip[d["group"]].observe(outcome.restrict(d["rows"]))
-        if d["drafter"] in ("ngram", "corpus") or d.get("searcher_step"):
+        if d["drafter"] in ("ngram", "corpus"):
             for b, (l, a) in enumerate(zip(lens, acc)):
                 if l:
                     fail = float(a < l)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
+from conflayers.corpus import unpack
 from tests.pipeline_helpers import MotoS3, env_with_venv, job_overrides, save_tiny_model
 
 pytestmark = pytest.mark.slow
@@ -75,6 +76,10 @@ def test_ticks_summarize_each_document_once_and_redo_edits(ray_local, tiny_dir, 
         assert r["compression_ratio"] == pytest.approx(r["num_document_tokens"] / r["num_generated_tokens"])
         assert r["hit_budget"] == (r["num_generated_tokens"] == 8)
     assert "20261126T010000Z" in capsys.readouterr().out  # the run table is printed
+    # the tick's summaries are the next tick's corpus index (drafter auto): the outputs of the 3 summaries
+    (index,) = (out / "state" / "corpus").glob("summarize-*.clsx")
+    assert sorted(map(len, unpack(index.read_bytes())[2])) == sorted(by[k]["num_generated_tokens"]
+                                                                     for k in ("a.txt", "b.md", "long.txt"))
 
     # documents land between ticks: only they are summarized
     (docs / "c.jsonl").write_text(json.dumps({"id": "c1", "text": "Trains run late on Fridays.",
@@ -82,6 +87,7 @@ def test_ticks_summarize_each_document_once_and_redo_edits(ray_local, tiny_dir, 
     tick(argv, "2026-11-26T02:00:00Z")
     second = [r for r in summaries(out) if r["run_id"] == "20261126T020000Z"]
     assert [r["id"].rsplit("/", 1)[-1] for r in second] == ["c.jsonl#c1"] and second[0]["rouge2"] is not None
+    assert len(unpack(index.read_bytes())[2]) == 4  # ... and grows tick by tick
 
     # nothing changed: the tick does nothing
     tick(argv, "2026-11-26T03:00:00Z")
