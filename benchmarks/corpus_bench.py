@@ -125,19 +125,21 @@ def plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = list(results["cells"].values())
-    widths = sorted({c["in_flight"] if "in_flight" in c else c["width"] for c in cells})
+    widths = sorted({c["width"] for c in cells})
     workloads = list(dict.fromkeys(c["workload"] for c in cells))
     methods = [m for m in dict.fromkeys(c["method"] for c in cells) if m != "plain"]
     fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4.2), sharey=True, squeeze=False)
     for ax, width in zip(axes[0], widths):
         for j, m in enumerate(methods):
             ys = [next((c["vs_plain"] for c in cells if c["workload"] == w and c["method"] == m
-                        and c.get("in_flight", c["width"]) == width), 0.0) for w in workloads]
+                        and c["width"] == width), 0.0) for w in workloads]
             xs = [i + (j - (len(methods) - 1) / 2) * 0.8 / len(methods) for i in range(len(workloads))]
             ax.bar(xs, ys, width=0.8 / len(methods), label=m)
         ax.axhline(1.0, color="black", lw=0.8)
-        ax.set_xticks(range(len(workloads)), [w.replace("_", "\n") for w in workloads], fontsize=8)
-        ax.set_title(f"{width} row{'s' if width > 1 else ''} in flight")
+        flight = {c["workload"]: c.get("in_flight", width) for c in cells if c["width"] == width}
+        ax.set_xticks(range(len(workloads)), [f"{w.replace('_', chr(10))}\n({flight.get(w, '-')} in flight)"
+                                              for w in workloads], fontsize=8)
+        ax.set_title("width 1" if width == 1 else f"width {width} (rows in flight: all of a round's)")
     axes[0][0].set_ylabel("tokens/s over plain decoding")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle("Corpus drafts, SmolLM2-135M on CPU (greedy; output identical to plain)", fontsize=10)
