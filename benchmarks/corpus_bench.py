@@ -148,6 +148,36 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def index_memory(workloads: dict, tokens: int) -> tuple[dict, str]:
+    """An index of ``tokens`` tokens of the workloads' warm-up prompts, each with 3 random tokens
+    changed; its memory as tracemalloc counts it (all the index's allocations) and as it estimates it."""
+    import tracemalloc
+
+    rng = random.Random(0)
+    base = [o for w in workloads.values() for o in w["warm"]] or [[1, 2, 3]]
+    outs, added = [], 0
+    while added < tokens:
+        o = list(rng.choice(base))
+        for _ in range(3):
+            o[rng.randrange(len(o))] = rng.randrange(49152)
+        o = o[: tokens - added - 1] or [0]
+        outs.append(o)
+        added += len(o) + 1
+    tracemalloc.start()
+    ix = SuffixIndex(max_tokens_indexed=tokens + 1)
+    for o in outs:
+        ix.add(o)
+    traced = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    per_m = traced / ix.tokens_indexed * 1e6
+    out = {"tokens": ix.tokens_indexed, "states": ix.states, "traced_bytes": traced,
+           "estimated_bytes": ix.memory_bytes(), "mb_per_million": per_m / 1e6}
+    return out, (f"Index memory: {ix.tokens_indexed} tokens (the workloads' warm-up prompts with 3 random tokens "
+                 f"changed each), {ix.states} states, {traced / 2**20:.1f} MiB traced (tracemalloc) = "
+                 f"{per_m / 1e6:.1f} MB per million tokens (the index's own estimate: "
+                 f"{ix.memory_bytes() / ix.tokens_indexed:.1f} bytes a token).")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=16, help="test rows per synthetic workload")
@@ -162,11 +192,14 @@ def main() -> None:
                     help="tokens for the index-memory measurement (0: skip)")
     ap.add_argument("--out")
     ap.add_argument("--replot", help="draw speedup.png again from DIR/results.json and stop")
+    ap.add_argument("--memory-only", metavar="DIR",
+                    help="measure the index memory only and update DIR/results.json and DIR/table.md")
     args = ap.parse_args()
     if args.replot:
         plot(json.loads((Path(args.replot) / "results.json").read_text()), Path(args.replot) / "speedup.png")
         return
     torch.set_num_threads(args.threads)
+    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/corpus_bench.py", *sys.argv[1:]])
     model, tok = load_model()
     engine = Engine(model)
     N = args.max_new_tokens
@@ -188,13 +221,22 @@ def main() -> None:
             cats = [name] * len(test)
         workloads[name] = {"test": encode_prompts(tok, test), "warm": encode_prompts(tok, warm), "categories": cats}
 
+    if args.memory_only:
+        out = Path(args.memory_only)
+        res = json.loads((out / "results.json").read_text())
+        res["index_memory"], line = index_memory(workloads, args.index_memory_tokens)
+        (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
+        text = (out / "table.md").read_text()
+        keep = text[: text.index("Index memory:")] if "Index memory:" in text else text + "\n"
+        (out / "table.md").write_text(keep + line + f" `{command}`\n")
+        print(line)
+        return
     auto = choose_width(engine, row_tokens=max(len(p) for w in workloads.values() for p in w["test"]) + N)
     widths = [auto.width if w == "auto" else int(w) for w in args.widths.split(",")]
     surface, _ = load_or_calibrate(engine, *surface_grid(max(widths), 8))
     header = (f"SmolLM2-135M-Instruct float32, {cpu_name()}, {torch.get_num_threads()} torch thread(s), "
               f"torch {torch.__version__}, {time.strftime('%Y-%m-%d')}; greedy, up to {N} new tokens; "
               f"widths {widths} (auto width {auto.width})")
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/corpus_bench.py", *sys.argv[1:]])
     print(f"# Corpus drafts: {header}\n\n`{command}`\n", flush=True)
 
     def new_index(group: str) -> SuffixIndex:
@@ -289,22 +331,7 @@ def main() -> None:
 
     mem_line = ""
     if args.index_memory_tokens:
-        rng = random.Random(0)
-        ix = SuffixIndex(max_tokens_indexed=args.index_memory_tokens + 1)
-        outs = [o for w in workloads.values() for o in w["warm"]] or [[1, 2, 3]]
-        added = 0
-        while added < args.index_memory_tokens:  # the workloads' prompts, each with a few random tokens changed
-            o = list(rng.choice(outs))
-            for _ in range(3):
-                o[rng.randrange(len(o))] = rng.randrange(49152)
-            o = o[: args.index_memory_tokens - added - 1] or [0]
-            ix.add(o)
-            added += len(o) + 1
-        per_m = ix.memory_bytes() / ix.tokens_indexed * 1e6 / 2**20
-        results["index_memory"] = {"tokens": ix.tokens_indexed, "bytes": ix.memory_bytes(), "mib_per_million": per_m,
-                                   "states": ix.states}
-        mem_line = (f"Index memory: {ix.tokens_indexed} tokens (the workloads' prompts with 3 random tokens changed "
-                    f"each), {ix.states} states, {ix.memory_bytes() / 2**20:.1f} MiB = {per_m:.1f} MiB per million tokens.")
+        results["index_memory"], mem_line = index_memory(workloads, args.index_memory_tokens)
         print(mem_line)
     if args.out:
         out = Path(args.out)

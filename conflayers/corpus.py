@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import struct
 import sys
+from bisect import bisect_left
 import zlib
 from array import array
 from collections import deque
@@ -72,14 +73,15 @@ class SuffixIndex:
 
     # -- the automaton ------------------------------------------------------------------------
     # Transitions: a state's edges are a linked list in three flat int arrays (12 bytes an edge);
-    # a state with more than BIG edges (the root, frequent tokens) moves them to a dict.
+    # a state with more than BIG edges (the root, frequent tokens) moves them to two sorted int
+    # arrays, keys and targets (8 bytes an edge, binary search; a dict would cost ~100 bytes an edge).
     def _reset(self) -> None:
         self.len = array("i", [0])
         self.link = array("i", [-1])
         self.occ = array("i", [0])
         self.head = array("i", [_NONE])  # first edge of a state's list, _NONE, or _MULTI (in self.big)
         self.e_tok, self.e_to, self.e_next = array("i"), array("i"), array("i")
-        self.big: dict[int, dict[int, int]] = {}
+        self.big: dict[int, tuple[array, array]] = {}  # state -> (sorted tokens, their targets)
         self.last = 0
         self.win, self.win_len = 0, 0  # the state of the text's last min(len, depth) tokens
 
@@ -93,7 +95,9 @@ class SuffixIndex:
     def _next(self, v: int, c: int) -> int:
         h = self.head[v]
         if h == _MULTI:
-            return self.big[v].get(c, -1)
+            keys, vals = self.big[v]
+            i = bisect_left(keys, c)
+            return vals[i] if i < len(keys) and keys[i] == c else -1
         e_tok, e_next = self.e_tok, self.e_next
         while h >= 0:
             if e_tok[h] == c:
@@ -104,7 +108,13 @@ class SuffixIndex:
     def _set(self, v: int, c: int, u: int) -> None:
         h = self.head[v]
         if h == _MULTI:
-            self.big[v][c] = u
+            keys, vals = self.big[v]
+            i = bisect_left(keys, c)
+            if i < len(keys) and keys[i] == c:
+                vals[i] = u
+            else:
+                keys.insert(i, c)
+                vals.insert(i, u)
             return
         n = 0
         while h >= 0:
@@ -116,7 +126,8 @@ class SuffixIndex:
         if n >= BIG:
             d = self._edges(v)
             d[c] = u
-            self.big[v] = d
+            keys = sorted(d)
+            self.big[v] = (array("i", keys), array("i", [d[k] for k in keys]))
             self.head[v] = _MULTI
             return
         self.e_tok.append(c)
@@ -127,7 +138,7 @@ class SuffixIndex:
     def _edges(self, v: int) -> dict[int, int]:
         h = self.head[v]
         if h == _MULTI:
-            return self.big[v]
+            return dict(zip(*self.big[v]))
         out = {}
         while h >= 0:
             out[self.e_tok[h]] = self.e_to[h]
@@ -136,7 +147,8 @@ class SuffixIndex:
 
     def _copy_edges(self, q: int, clone: int) -> None:
         if self.head[q] == _MULTI:
-            self.big[clone] = dict(self.big[q])
+            keys, vals = self.big[q]
+            self.big[clone] = (array("i", keys), array("i", vals))
             self.head[clone] = _MULTI
             return
         h = self.head[q]
@@ -280,8 +292,8 @@ class SuffixIndex:
         """An estimate: the automaton's arrays, its branching states' dicts, the retained outputs."""
         arrays = sum(a.buffer_info()[1] * a.itemsize
                      for a in (self.len, self.link, self.occ, self.head, self.e_tok, self.e_to, self.e_next))
-        # a dict's table, its key and value ints, and its slot in self.big
-        dicts = sum(sys.getsizeof(d) + 56 * len(d) + 100 for d in self.big.values())
+        # a branching state's two sorted arrays, their tuple and its slot in self.big
+        dicts = sum(k.buffer_info()[1] * 8 + 2 * sys.getsizeof(array("i")) + 150 for k, _ in self.big.values())
         outs = sum(64 + 4 * len(o) for o in self.outputs)
         return arrays + dicts + outs
 
