@@ -132,8 +132,8 @@ def check_summary_recomputes(printed: str, metrics: list[dict], rows: list[dict]
         f1 = [scorer.score(r["reference"], r["generated_text"] or "")["rouge2"].fmeasure for r in ok if r["reference"]]
         assert cells["rouge2"] == ratio(sum(f1), len(f1), ".3f")
         lskip = sum(r["layerskip_steps"] for r in ok)
-        assert cells["ngram/lskip steps"] == \
-            f"{sum(r['ngram_steps'] for r in ok) / steps:.0%}/{lskip / steps:.0%}"
+        assert cells["ngram/corpus/lskip steps"] == (f"{sum(r['ngram_steps'] for r in ok) / steps:.0%}/"
+                                                     f"{sum(r['corpus_steps'] for r in ok) / steps:.0%}/{lskip / steps:.0%}")
         # a skip set only where layer-skip drafts ran
         assert (cells["skip set"] == "-") == (not lskip or name == "__all__" and len(table) > 2)
 
