@@ -180,6 +180,7 @@ class GenerationActor:
         self.policies: dict[str, object] = {}
         self.auto = None  # the drafter: auto controller, made at the first batch
         self.corpus = None  # the corpus drafter (its index per dataset), made at the first batch
+        self.corpus_key = None  # the model/tokenizer its indexes are for (pipeline.corpus.index_key)
         self.corpus_seen: dict[str, int] = {}  # per dataset: the last pooled output taken from the coordinator
         # a server (lanes) drafts from the saved indexes as they are: an identical seeded request must
         # get identical drafts (and so the same samples), whatever was served in between
@@ -461,8 +462,9 @@ class GenerationActor:
                     out[i]["error_type"], out[i]["error_message"] = "kv_budget", r.error
                     continue
                 dataset = out[i]["dataset"]
-                finished[dataset].append((list(prompt_ids[i]) if self.cfg.corpus_index.learn_prompts else [])
-                                         + list(r.token_ids))
+                if self.corpus is not None:  # corpus drafts on: the output goes to the pool
+                    finished[dataset].append((list(prompt_ids[i]) if self.cfg.corpus_index.learn_prompts else [])
+                                             + list(r.token_ids))
                 obs = per_dataset[dataset]
                 # a row's share of the stream's wall time is its share of the tokens generated
                 share = secs * r.stats.new_tokens / tokens
