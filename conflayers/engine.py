@@ -33,6 +33,9 @@ from .kernels import apply_kernels
 from .kv import KVState, kv_bytes_per_token
 from .layers import num_layers
 from .sampling import SamplingParams, sample, warp
+from .steps import StaticSteps
+
+STEPS = ("dynamic", "static")
 
 
 @dataclass(frozen=True)
@@ -151,9 +154,16 @@ class Engine:
     ``onednn`` = prepacked oneDNN (CPU, float32/bfloat16). The plan is applied to the model in place,
     and a grouped-query model on SDPA gets the packed attention of ``conflayers.attention`` (no
     key/value copies when a pass scores several tokens per row).
+
+    ``steps`` is how verify/decode steps are shaped: ``dynamic`` (default) = each step in its exact
+    shape, ``static`` = in bucketed shapes with in-place input buffers (``conflayers.steps``: what a CUDA
+    graph can replay; eagerly it only adds padding work). The tokens are the same either way.
     """
 
-    def __init__(self, model, kernels: str = "auto"):
+    def __init__(self, model, kernels: str = "auto", steps: str = "dynamic"):
+        if steps not in STEPS:
+            raise ValueError(f"steps must be one of {', '.join(STEPS)}, got {steps!r}")
+        self.steps = steps
         self.model = model.eval()
         self.n_layers = num_layers(model)  # also rejects unsupported architectures
         self.kernel_plan = apply_kernels(model, kernels)
@@ -283,7 +293,8 @@ class Engine:
             gen.manual_seed(config.seed if config.seed is not None else int(torch.seed() % (1 << 62)))
 
         queue = enumerate(prompts)
-        kv = KVState(self.model, slots=max_batch)
+        kv = KVState(self.model, slots=max_batch, scratch_slot=self.steps == "static")
+        verify = StaticSteps(kv).forward if self.steps == "static" else kv.forward
         # for benchmarks: the cache's final size and where the time went
         self.last_stream = {"max_batch": max_batch, "kv_bytes": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
                             "steps": 0}
@@ -364,7 +375,7 @@ class Engine:
             # 3. verify
             kv.rollback()
             verify_t0 = time.perf_counter()
-            logits = kv.forward(torch.cat([last[:, None], prop.tokens], dim=1))
+            logits = verify(torch.cat([last[:, None], prop.tokens], dim=1))
             # 4. accept
             if sp.greedy:
                 a, y = accept_greedy(prop.tokens, prop.lens, logits)

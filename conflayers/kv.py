@@ -50,7 +50,7 @@ class SlotLayer(CacheLayerMixin):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         _, heads, _, dim = key_states.shape
-        shape = (self.state.slots, heads, self.state.columns, dim)
+        shape = (self.state.slots + self.state.scratch_slot, heads, self.state.columns, dim)
         self.keys = key_states.new_zeros(shape)
         self.values = value_states.new_zeros(shape)
         self.device = key_states.device
@@ -85,9 +85,11 @@ class SlotLayer(CacheLayerMixin):
 
 
 class KVState:
-    def __init__(self, model, slots: int, columns: int = 16):
+    def __init__(self, model, slots: int, columns: int = 16, scratch_slot: bool = False):
         self.model = model
         self.slots = slots
+        # one more slot past the rows' own, written by the padding rows of static-shape steps and never read
+        self.scratch_slot = scratch_slot
         self.columns = max(1, columns)
         self.n_layers = num_layers(model)
         self.device = next(model.parameters()).device
@@ -106,9 +108,9 @@ class KVState:
 
     def reserve(self, columns: int) -> None:
         """Make room for rows of ``columns`` positions now (one allocation instead of doublings)."""
-        self._ensure_columns(columns, exact=True)
+        self.ensure_columns(columns, exact=True)
 
-    def _ensure_columns(self, needed: int, exact: bool = False) -> None:
+    def ensure_columns(self, needed: int, exact: bool = False) -> None:
         if needed <= self.columns:
             return
         new = -(-(needed if exact else max(needed, 2 * self.columns)) // 16) * 16
@@ -145,7 +147,7 @@ class KVState:
             offsets = self.lengths[lo:hi] + self.pending
         positions = offsets[:, None] + torch.arange(q, device=tokens.device)[None, :]
         kv_len = int(offsets.max()) + q
-        self._ensure_columns(kv_len)
+        self.ensure_columns(kv_len)
         slot_idx = torch.arange(lo, hi, device=tokens.device)[:, None].expand(B, q)
         self.active, self.write_index, self.read_len = (lo, hi), (slot_idx, positions), kv_len
         out = self.model(

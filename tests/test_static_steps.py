@@ -1,0 +1,146 @@
+"""Static-shape steps (conflayers.steps): padded rows and read columns never change a real row, the
+inputs live in per-bucket buffers written in place, and the engine's tokens are the same as with
+dynamic steps (float64, token for token)."""
+
+import pytest
+import torch
+
+from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, Request, SamplingParams
+from conflayers.corpus import CorpusDrafter
+from conflayers.kv import KVState
+from conflayers.ngram import NgramDrafter
+from conflayers.steps import MIN_COLUMNS, StaticSteps, bucket, column_bucket, width_buckets
+
+from .conftest import RAGGED, tiny_model
+
+
+def test_buckets():
+    assert width_buckets(1) == [1]
+    assert width_buckets(8) == [1, 2, 4, 8]
+    assert width_buckets(11) == [1, 2, 4, 8, 11]
+    assert [bucket(n, [1, 2, 4, 8, 11]) for n in (1, 2, 3, 5, 8, 9, 11)] == [1, 2, 4, 8, 8, 11, 11]
+    with pytest.raises(ValueError):
+        bucket(12, [1, 2, 4, 8, 11])
+    assert column_bucket(1, 1000) == MIN_COLUMNS
+    assert column_bucket(MIN_COLUMNS + 1, 1000) == 2 * MIN_COLUMNS
+    assert column_bucket(600, 1000) == 1000  # capped at the storage
+    with pytest.raises(ValueError, match="scratch_slot"):
+        StaticSteps(KVState(tiny_model(layers=2), slots=2))
+
+
+def cache_with_rows(model, lengths: list[int], slots: int, joiner: int = 0, seed: int = 0) -> KVState:
+    """A scratch-slot cache whose decode rows hold random prompts of ``lengths`` (slots [0, n)), plus
+    ``joiner`` tokens prefilled into slot n (a row mid-prefill, which padding rows must not touch)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    kv = KVState(model, slots=slots, scratch_slot=True)
+    n = len(lengths)
+    for s, length in enumerate(lengths + ([joiner] if joiner else [])):
+        ids = torch.randint(0, vocab, (1, length), generator=g)
+        kv.forward(ids, rows=(s, s + 1), offsets=torch.zeros(1, dtype=torch.long))
+        kv.lengths[s] = length
+    kv.n = n
+    return kv
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("n,slots", [(1, 1), (3, 8), (5, 8), (8, 8), (3, 11)])
+def test_a_static_step_equals_the_dynamic_step_for_every_real_row(attn, n, slots):
+    model = tiny_model("llama")
+    if attn == "eager":
+        model.set_attn_implementation("eager")
+    Engine(model)  # the engine's attention plan (packed SDPA for this grouped-query model)
+    lengths = [3 + 7 * i for i in range(n)]
+    joiner = 20 if n < slots else 0
+    kv = cache_with_rows(model, lengths, slots, joiner)
+    steps = StaticSteps(kv)
+    # eager attention takes its softmax in float32 (transformers), where more (masked) columns round differently
+    tol = 1e-10 if attn == "sdpa" else 1e-6
+    g = torch.Generator().manual_seed(1)
+    for q in (1, 2, 5):
+        for pending in (0, 3):  # a verify after draft writes of a layer-skip drafter
+            tokens = torch.randint(0, model.config.vocab_size, (n, q), generator=g)
+            kv.pending = pending
+            dyn = kv.forward(tokens)
+            dyn_keys = [l.keys[:n].clone() for l in kv.layers]
+            kv.pending = pending
+            joiner_keys = [l.keys[n].clone() for l in kv.layers] if joiner else []
+            stat = steps.forward(tokens)
+            assert stat.shape == dyn.shape
+            torch.testing.assert_close(stat, dyn, rtol=0, atol=tol)
+            assert kv.pending == pending + q
+            for l, before in zip(kv.layers, dyn_keys):  # the same keys written at the same columns
+                torch.testing.assert_close(l.keys[:n], before, rtol=0, atol=tol)
+            for l, before in zip(kv.layers, joiner_keys):  # the slot past the rows: untouched
+                assert torch.equal(l.keys[n], before)
+            kv.rollback()
+
+
+def test_inputs_are_buffers_written_in_place_per_bucket():
+    model = tiny_model("llama")
+    Engine(model)
+    kv = cache_with_rows(model, [5, 9, 12], slots=8)
+    kv.reserve(4 * MIN_COLUMNS)  # storage past the column bucket: a step reads its first MIN_COLUMNS only
+    steps = StaticSteps(kv)
+    storage = [l.keys.data_ptr() for l in kv.layers]
+    tokens = torch.ones(3, 2, dtype=torch.long)
+    key, buf = steps.prepare(tokens)
+    assert key == (4, 2, MIN_COLUMNS)
+    ptrs = [t.data_ptr() for t in (buf.tokens, buf.positions, buf.write_rows, buf.mask)]
+    for step in range(5):  # commit one token a step: same bucket, same buffers, new contents
+        kv.rollback()
+        key2, buf2 = steps.prepare(tokens + step)
+        assert key2 == key and buf2 is buf
+        assert [t.data_ptr() for t in (buf.tokens, buf.positions, buf.write_rows, buf.mask)] == ptrs
+        assert buf.positions[:3, 0].tolist() == [5 + step, 9 + step, 12 + step]
+        assert buf.write_rows[3:].eq(kv.slots).all()  # the padding row writes the scratch slot
+        assert buf.mask[3, 0, :, 1:].logical_not().all()  # ... and reads column 0 only
+        steps.run(key2, buf2)
+        kv.commit(torch.zeros(3, dtype=torch.long))
+    assert [l.keys.data_ptr() for l in kv.layers] == storage  # no reallocation between steps
+    assert len(steps.buffers) == 1
+    kv.n = 2  # a row retired: the same bucket width (2), a new set of buffers
+    steps.prepare(tokens[:2])
+    assert sorted(steps.buffers) == [(2, 2, MIN_COLUMNS), (4, 2, MIN_COLUMNS)]
+
+
+def test_engine_rejects_unknown_steps():
+    with pytest.raises(ValueError, match="steps must be one of"):
+        Engine(tiny_model(layers=2), steps="graphs")
+
+
+def drafters(model, name):
+    if name == "layerskip":
+        return LayerSkipDrafter(model, FixedSkip([1, 3]), stop_threshold=0.0, max_draft_len=4)
+    if name == "ngram":
+        return NgramDrafter(max_tokens=5)
+    if name == "corpus":
+        return CorpusDrafter(max_tokens=6)
+    return None
+
+
+@pytest.mark.parametrize("drafter", ["none", "ngram", "layerskip", "corpus"])
+@pytest.mark.parametrize("width", [1, 3, 8])
+def test_engine_tokens_are_the_same_with_static_steps(drafter, width):
+    model = tiny_model("llama")
+    prompts = RAGGED * 3 + [[9, 8, 7, 6, 5, 4, 3, 2, 1] * 3]
+    budgets = [12 + 5 * (i % 4) for i in range(len(prompts))]  # rows finish at different steps
+    reqs = [Request(p, max_new_tokens=b, group=str(i % 2)) for i, (p, b) in enumerate(zip(prompts, budgets))]
+    cfg = GenerationConfig(max_new_tokens=24, stop_token_ids=())
+    dyn = Engine(model).generate(reqs, cfg, drafters(model, drafter), max_batch=width)
+    stat = Engine(model, steps="static").generate(reqs, cfg, drafters(model, drafter), max_batch=width)
+    assert [r.token_ids for r in stat] == [r.token_ids for r in dyn]
+    assert [r.stats.steps for r in stat] == [r.stats.steps for r in dyn]
+    if drafter != "none":
+        assert sum(r.stats.accepted for r in stat) > 0
+
+
+def test_sampled_tokens_are_the_same_with_static_steps():
+    model = tiny_model("qwen2", std=0.2)  # a peaked distribution with several likely tokens
+    cfg = GenerationConfig(max_new_tokens=20, stop_token_ids=(), seed=7,
+                           sampling=SamplingParams(temperature=0.8, top_p=0.95))
+    prompts = RAGGED * 2
+    dyn = Engine(model).generate(prompts, cfg, NgramDrafter(), max_batch=3)
+    stat = Engine(model, steps="static").generate(prompts, cfg, NgramDrafter(), max_batch=3)
+    assert [r.token_ids for r in stat] == [r.token_ids for r in dyn]
+    assert len({tuple(r.token_ids) for r in dyn}) > 1
