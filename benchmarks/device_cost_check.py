@@ -46,6 +46,37 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def stream_check(engine, surface, lengths: list[tuple[int, int]], width: int, n_rows: int, device: str) -> dict:
+    """Stream ``n_rows`` random-token rows of the given (prompt, generated) lengths through ``engine`` at
+    ``width`` (stop tokens off: each row generates exactly its length, after a width-8 warm-up) and
+    compare the seconds with ``conflayers.forecast.stream_seconds`` on ``surface``; prints a line."""
+    rows = [lengths[j % len(lengths)] for j in range(n_rows)]
+    g = torch.Generator().manual_seed(0)
+    reqs = [Request(torch.randint(3, engine.vocab, (p_,), generator=g).tolist(), n) for p_, n in rows]
+    gc = GenerationConfig(max_new_tokens=max(n for _, n in rows), stop_token_ids=())
+    list(engine.stream(reqs[:8], gc, max_batch=8))  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    out = list(engine.stream(sorted(reqs, key=lambda r: len(r.token_ids)), gc, max_batch=width))
+    sync(device)
+    secs = time.perf_counter() - t0
+    toks = sum(r.stats.new_tokens for _, r in out)
+    want = sum(n for _, n in rows)
+    fc = stream_seconds(surface, rows, width)
+    pred = fc.seconds
+    ls = engine.last_stream
+    print(f"check {engine.steps} steps, width {width}: {toks} tokens (expected {want}) in {secs:.2f} s = "
+          f"{toks / secs:.0f} tok/s; forecast {pred:.2f} s = {want / pred:.0f} tok/s ({pred / secs - 1:+.1%}); prefill "
+          f"{ls['prefill_seconds']:.2f} s (forecast {fc.prefill_seconds:.2f}), decode {ls['decode_seconds']:.2f} s over "
+          f"{ls['steps']} steps (forecast {fc.decode_seconds:.2f} over {fc.steps})", flush=True)
+    return {"width": width, "rows": len(rows), "tokens": toks, "expected_tokens": want,
+            "measured_s": secs, "predicted_s": pred, "measured_tok_s": toks / secs,
+            "predicted_tok_s": want / pred, "error": pred / secs - 1,
+            "measured_prefill_s": ls["prefill_seconds"], "measured_decode_s": ls["decode_seconds"],
+            "measured_steps": ls["steps"], "predicted_prefill_s": fc.prefill_seconds,
+            "predicted_decode_s": fc.decode_seconds, "predicted_steps": fc.steps}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-dir", required=True)
@@ -75,32 +106,8 @@ def main() -> int:
               f"{s.text_table()}", flush=True)
         if i:  # the engine check runs in the first dtype only
             continue
-        rows = [lengths[j % len(lengths)] for j in range(args.check_rows)]
-        g = torch.Generator().manual_seed(0)
-        reqs = [Request(torch.randint(3, engine.vocab, (p_,), generator=g).tolist(), n) for p_, n in rows]
-        gc = GenerationConfig(max_new_tokens=max(n for _, n in rows), stop_token_ids=())
-        list(engine.stream(reqs[:8], gc, max_batch=8))  # warm-up
         for w in [int(x) for x in args.check_widths.split(",")]:
-            sync(args.device)
-            t0 = time.perf_counter()
-            out = list(engine.stream(sorted(reqs, key=lambda r: len(r.token_ids)), gc, max_batch=w))
-            sync(args.device)
-            secs = time.perf_counter() - t0
-            toks = sum(r.stats.new_tokens for _, r in out)
-            want = sum(n for _, n in rows)
-            fc = stream_seconds(s, rows, w)
-            pred = fc.seconds
-            ls = engine.last_stream
-            checks.append({"dtype": dtype, "width": w, "rows": len(rows), "tokens": toks, "expected_tokens": want,
-                           "measured_s": secs, "predicted_s": pred, "measured_tok_s": toks / secs,
-                           "predicted_tok_s": want / pred, "error": pred / secs - 1,
-                           "measured_prefill_s": ls["prefill_seconds"], "measured_decode_s": ls["decode_seconds"],
-                           "measured_steps": ls["steps"], "predicted_prefill_s": fc.prefill_seconds,
-                           "predicted_decode_s": fc.decode_seconds, "predicted_steps": fc.steps})
-            print(f"check {dtype} width {w}: {toks} tokens (expected {want}) in {secs:.2f} s = {toks / secs:.0f} tok/s; "
-                  f"forecast {pred:.2f} s = {want / pred:.0f} tok/s ({pred / secs - 1:+.1%}); prefill {ls['prefill_seconds']:.2f} s "
-                  f"(forecast {fc.prefill_seconds:.2f}), decode {ls['decode_seconds']:.2f} s over {ls['steps']} steps "
-                  f"(forecast {fc.decode_seconds:.2f} over {fc.steps})", flush=True)
+            checks.append({"dtype": dtype, **stream_check(engine, s, lengths, w, args.check_rows, args.device)})
         # what the engine's streams measured against the forecast, per width: jobs.cost uses it as the
         # ratio of predicted cells on this device when no pipeline cell was measured on it
         surfaces[s.key]["stream_ratio"] = {str(c["width"]): c["measured_s"] / c["predicted_s"]

@@ -44,3 +44,28 @@ def test_benchmark_harness_on_two_prompts(tmp_path):
     assert "| prompt_lookup | 2 | n/a |" in table and "Speedup per category, batch size 2" in table
     assert "## Searchers at the end of the run" in table
     assert (out / "speedup_by_category.png").stat().st_size > 1000 and (out / "speedup_vs_batch.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_gpu_check_runs_on_a_cpu_and_writes_its_results(tmp_path):
+    """The device check's plumbing, end to end on this CPU (--quick): every part runs and the
+    results have the keys the issue names (the numbers come from a GPU run)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["lossless"] is True and len(res["lossless_cases"]) == 24
+    steps = res["step_ms"]["smollm2-135m"]
+    assert set(steps) == {"dynamic", "static"} and all(set(v) == {"1", "2"} and min(v.values()) > 0
+                                                        for v in steps.values())
+    assert set(res["stream_vs_forecast"]) == {"2"} and 0.2 < res["stream_vs_forecast"]["2"] < 5
+    assert res["job"]["rows"] == 8 and res["job"]["errors"] == 0 and res["job"]["tokens_per_s"] > 0
+    surfaces = json.loads((tmp_path / "surfaces.json").read_text())
+    assert list(surfaces) == res["surface_keys"] and set(next(iter(surfaces.values()))["stream_ratio"]) == {"2"}
+    table = (tmp_path / "table.md").read_text()
+    assert "| width | dynamic q=1 | static q=1 | dynamic q=2 | static q=2 |" in table and "**(d) job**" in table
