@@ -1,6 +1,6 @@
 """The GPU device check: one command, no downloads, results in ``OUT/results.json`` and ``OUT/table.md``.
 
-    python benchmarks/gpu_check.py --out docs/benchmarks/gpu                    # on one GPU (target: <= 8 min)
+    python benchmarks/gpu_check.py --out OUT                                    # on one GPU (target: <= 8 min)
     python benchmarks/gpu_check.py --device cpu --quick --out /tmp/gpu_check    # the same script on a CPU, small
 
 Models are random-weight, built from configs this script writes (a step's cost depends on shapes, not
