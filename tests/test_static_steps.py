@@ -122,7 +122,7 @@ def drafters(model, name):
 @pytest.mark.parametrize("drafter", ["none", "ngram", "layerskip", "corpus"])
 @pytest.mark.parametrize("width", [1, 3, 8])
 def test_engine_tokens_are_the_same_with_static_steps(drafter, width):
-    model = tiny_model("llama")
+    model = tiny_model("llama", std=0.2)  # a larger init: each token depends on its context, not only the last one
     prompts = RAGGED * 3 + [[9, 8, 7, 6, 5, 4, 3, 2, 1] * 3]
     budgets = [12 + 5 * (i % 4) for i in range(len(prompts))]  # rows finish at different steps
     reqs = [Request(p, max_new_tokens=b, group=str(i % 2)) for i, (p, b) in enumerate(zip(prompts, budgets))]
@@ -144,3 +144,36 @@ def test_sampled_tokens_are_the_same_with_static_steps():
     stat = Engine(model, steps="static").generate(prompts, cfg, NgramDrafter(), max_batch=3)
     assert [r.token_ids for r in stat] == [r.token_ids for r in dyn]
     assert len({tuple(r.token_ids) for r in dyn}) > 1
+
+
+def test_a_static_engine_keeps_its_cache_between_streams_but_never_shares_one():
+    model = tiny_model("llama", std=0.2)
+    cfg = GenerationConfig(max_new_tokens=16, stop_token_ids=())
+    dyn, stat = Engine(model), Engine(model, steps="static")
+    first, second = RAGGED * 2, [p[::-1] + [7] for p in RAGGED] * 2
+    assert [r.token_ids for r in stat.generate(first, cfg, NgramDrafter(), max_batch=4)] == \
+        [r.token_ids for r in dyn.generate(first, cfg, NgramDrafter(), max_batch=4)]
+    kept = stat._idle_static
+    storage, buffers = kept.kv.layers[0].keys.data_ptr(), dict(kept.buffers)
+    # the next stream of that width starts on the same storage and step buffers, from empty rows
+    assert [r.token_ids for r in stat.generate(second, cfg, NgramDrafter(), max_batch=4)] == \
+        [r.token_ids for r in dyn.generate(second, cfg, NgramDrafter(), max_batch=4)]
+    assert stat._idle_static is kept and kept.kv.layers[0].keys.data_ptr() == storage
+    assert all(kept.buffers[k] is b for k, b in buffers.items())
+    # two streams side by side: the second gets a cache of its own, and both stay exact
+    a = stat.stream(iter(first), cfg, max_batch=4, pulse=True)  # pulse: a yield after every step
+    b = stat.stream(iter(second), cfg, max_batch=4, pulse=True)
+    got_a, got_b = {}, {}
+    live = [(a, got_a), (b, got_b)]
+    while live:  # one step of each in turn
+        for gen, got in list(live):
+            item = next(gen, None)
+            if item is None:
+                live.remove((gen, got))
+            elif item[0] >= 0:
+                got[item[0]] = item[1].token_ids
+    assert [got_a[i] for i in range(len(first))] == [r.token_ids for r in dyn.generate(first, cfg, max_batch=4)]
+    assert [got_b[i] for i in range(len(second))] == [r.token_ids for r in dyn.generate(second, cfg, max_batch=4)]
+    # another width: a new cache
+    stat.generate(first, cfg, max_batch=3)
+    assert stat._idle_static.kv.slots == 3
