@@ -146,12 +146,12 @@ def step_times(model, width: int, qs: list[int], context: int, reps: int, device
 
 # -- (d) --------------------------------------------------------------------------------------------------
 def job_check(shape: dict, dtype: str, device: str, rows: int, max_tokens: int, width: str, workdir: str) -> dict:
-    try:
-        import ray  # noqa: F401
+    import importlib.util
 
-        from jobs.generate import main as generate
-    except ImportError as e:
-        return {"skipped": f"the pipeline cannot be imported here: {e}"}
+    missing = [m for m in ("ray", "omegaconf", "pyarrow", "s3fs") if importlib.util.find_spec(m) is None]
+    if missing:
+        return {"skipped": f"not installed here: {', '.join(missing)} (the job needs them)"}
+    from jobs.generate import main as generate
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

@@ -28,7 +28,7 @@ from .models import BUNDLED, load_model
 from .width import _read_cache, _write_cache, default_cache_file
 
 
-def _time_cells(kv: KVState, cells: list[tuple[str, int]], model, half, reps: int, cuda: bool) -> dict:
+def _time_cells(kv: KVState, step, cells: list[tuple[str, int]], model, half, reps: int, cuda: bool) -> dict:
     """Min seconds per cell (``("full"|"half", q)``) over ``reps`` rounds after a warm-up round; the cells
     are interleaved in a rotated order, so a slow spell of a shared machine hits them all alike."""
     times: dict = {c: [] for c in cells}
@@ -41,7 +41,7 @@ def _time_cells(kv: KVState, cells: list[tuple[str, int]], model, half, reps: in
                 if cuda:
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                kv.forward(tokens)
+                (kv.forward if kind == "half" else step)(tokens)  # a draft pass always runs dynamically
                 if cuda:
                     torch.cuda.synchronize()
                 dt = time.perf_counter() - t0
@@ -62,13 +62,13 @@ def calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256, 
     half = frozenset(range(1, L, 2))  # every other layer: a typical ConfLayers skip ratio
     table, fixed = {}, {}
     for w in widths:
-        kv = KVState(engine.model, slots=w, columns=context + max(qs) + 8)
+        kv, step = engine.step_cache(w, columns=context + max(qs) + 8)  # the engine's verify steps
         zeros = torch.zeros(w, dtype=torch.long, device=engine.device)
         kv.forward(torch.ones(w, 1, dtype=torch.long, device=engine.device), rows=(0, w), offsets=zeros)
         kv.lengths[:] = context
         kv.n = w
         cells = [("full", q) for q in timed_qs(w, qs)] + ([("half", 1)] if half else [])
-        t = _time_cells(kv, cells, engine.model, half, reps if w < WIDE else min(reps, 2), cuda)
+        t = _time_cells(kv, step, cells, engine.model, half, reps if w < WIDE else min(reps, 2), cuda)
         table[w] = {q: t[("full", q)] for q in timed_qs(w, qs)}
         if half:
             run = (L - len(half)) / L  # share of the layers the half pass runs

@@ -175,6 +175,16 @@ class Engine:
         self.bytes_per_token = kv_bytes_per_token(model)
         self._idle_static: StaticSteps | None = None
 
+    def step_cache(self, slots: int, columns: int = 16) -> tuple[KVState, Callable[[torch.Tensor], torch.Tensor]]:
+        """A cache of ``slots`` slots and the forward this engine's verify/decode steps run over it
+        (``kv.forward``, or static steps' ``forward``): for timings that should see what a stream sees
+        (a layer-skip draft pass always runs ``kv.forward``)."""
+        if self.steps == "dynamic":
+            kv = KVState(self.model, slots=slots, columns=columns)
+            return kv, kv.forward
+        steps = StaticSteps(KVState(self.model, slots=slots, columns=columns, scratch_slot=True))
+        return steps.kv, steps.forward
+
     def _static_cache(self, slots: int) -> StaticSteps:
         """Static steps over a cache of ``slots`` slots: the one the last finished stream of that width
         left (same storage, same step buffers: what captured steps replay on), else a new one. A stream

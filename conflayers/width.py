@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-from .kv import KVState
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +67,8 @@ def engine_key(engine) -> str:
     cfg = engine.model.config
     return "|".join([getattr(engine.model, "name_or_path", "") or cfg.model_type, f"L{engine.n_layers}",
                      f"H{cfg.hidden_size}", str(next(engine.model.parameters()).dtype), device_name(engine.device),
-                     engine.kernel_plan.name, getattr(engine, "attention", ""), f"threads{torch.get_num_threads()}"])
+                     engine.kernel_plan.name, getattr(engine, "attention", ""), f"threads{torch.get_num_threads()}"]
+                    + ([f"steps-{engine.steps}"] if getattr(engine, "steps", "dynamic") != "dynamic" else []))
 
 
 def default_cache_file() -> Path:
@@ -78,7 +78,7 @@ def default_cache_file() -> Path:
 
 def measure_step_seconds(engine, width: int, context: int, steps: int = 3) -> float:
     """Median seconds of one plain decode step at ``width`` rows after ``context`` cached tokens."""
-    kv = KVState(engine.model, slots=width, columns=context + 8)
+    kv, step = engine.step_cache(width, columns=context + 8)
     tok = torch.ones(width, 1, dtype=torch.long, device=engine.device)
     with torch.inference_mode():
         kv.forward(tok, rows=(0, width), offsets=torch.zeros(width, dtype=torch.long, device=engine.device))
@@ -89,7 +89,7 @@ def measure_step_seconds(engine, width: int, context: int, steps: int = 3) -> fl
             if engine.device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            kv.forward(tok)
+            step(tok)
             if engine.device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - t0)

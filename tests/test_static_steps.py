@@ -177,3 +177,24 @@ def test_a_static_engine_keeps_its_cache_between_streams_but_never_shares_one():
     # another width: a new cache
     stat.generate(first, cfg, max_batch=3)
     assert stat._idle_static.kv.slots == 3
+
+
+def test_timings_of_a_static_engine_run_its_static_steps(monkeypatch):
+    from conflayers.calibrate import calibrate
+    from conflayers.width import engine_key, measure_step_seconds
+
+    model = tiny_model("llama", layers=4)
+    dyn, stat = Engine(model), Engine(model, steps="static")
+    assert engine_key(stat) == engine_key(dyn) + "|steps-static"  # cached timings never mix the two
+    calls = []
+    forward = StaticSteps.forward
+    monkeypatch.setattr(StaticSteps, "forward", lambda self, tokens: calls.append(tokens.shape) or forward(self, tokens))
+    s = calibrate(dyn, widths=(1, 3), qs=(1, 2), context=24, reps=1)
+    measure_step_seconds(dyn, 3, 24, steps=1)
+    assert calls == []
+    s = calibrate(stat, widths=(1, 3), qs=(1, 2), context=24, reps=1)
+    assert s.key.endswith("steps-static") and sorted(s.table) == [1, 3]
+    assert (3, 2) in calls and (1, 1) in calls  # the full-model cells ran static steps
+    calls.clear()
+    measure_step_seconds(stat, 3, 24, steps=1)
+    assert calls == [(3, 1)] * 2
