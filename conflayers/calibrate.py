@@ -78,7 +78,8 @@ def calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256, 
     small, large = _time_prefill(engine, reps, cuda, 1, 16), _time_prefill(engine, reps, cuda, 4, 128)
     per_token = max(1e-12, (large - small) / (4 * 128 - 16))
     s = CostSurface(table, L, fixed, context=context, key=surface_key(engine), prefill=per_token,
-                    prefill_fixed=max(0.0, small - 16 * per_token), device=engine.device.type)
+                    prefill_fixed=max(0.0, small - 16 * per_token), device=engine.device.type,
+                    bucketed=getattr(engine, "steps", "dynamic") != "dynamic")
     # the loop's own cost per step: a + b x rows, from short plain streams at two widths
     w1, w2 = min(2, widths[-1]), min(16, widths[-1])
     o1 = _time_stream_overhead(engine, s, w1, cuda)
@@ -127,7 +128,7 @@ def _time_stream_overhead(engine, surface: CostSurface, rows: int, cuda: bool, n
         if rep:
             best = min(best, time.perf_counter() - t0)
     bare = CostSurface(surface.table, surface.n_layers, surface.fixed, prefill=surface.prefill,
-                       prefill_fixed=surface.prefill_fixed)
+                       prefill_fixed=surface.prefill_fixed, bucketed=surface.bucketed)
     return max(0.0, (best - stream_seconds(bare, [(prompt, new)] * rows, rows).seconds) / (new - 1))
 
 

@@ -70,6 +70,7 @@ class CostSurface:
     device: str = ""  # cpu | cuda (the kind of device it was measured on; "" = not recorded)
     step_overhead: float = 0.0  # seconds the engine's loop adds to each decode step's forward (0 = not measured) ...
     row_overhead: float = 0.0  # ... plus these seconds per row in the step (its per-row Python work)
+    bucketed: bool = False  # measured on static steps: a step of w rows costs what its bucket (next power of 2) does
 
     def __post_init__(self):
         self.table = {int(w): {int(q): float(s) for q, s in row.items()} for w, row in self.table.items()}
@@ -124,6 +125,8 @@ class CostSurface:
     def seconds(self, w: int, q: int = 1) -> float:
         """Predicted seconds of one forward of ``q`` new tokens for ``w`` rows."""
         w, q = max(1, int(w)), max(1, int(q))
+        if self.bucketed:  # static steps pad the rows to their bucket
+            w = 1 << (w - 1).bit_length()
         w0, w1, t = self._around(w)
         s = (1 - t) * self._row_seconds(w0, q) + t * self._row_seconds(w1, q)
         if w > self.widths[-1]:  # wider than measured: assume the cost scales with the rows
@@ -183,6 +186,8 @@ class CostSurface:
         if not (seconds > 0 and math.isfinite(seconds)):
             return
         w, q = max(1, int(w)), max(1, int(q))
+        if self.bucketed:  # static steps pad the rows to their bucket
+            w = 1 << (w - 1).bit_length()
         w0, w1, t = self._around(w)
         near = w0 if t < 0.5 else w1
         pred = self.seconds(w, q)
@@ -206,7 +211,8 @@ class CostSurface:
         return {"table": {str(w): {str(q): s for q, s in row.items()} for w, row in self.table.items()},
                 "fixed": {str(w): f for w, f in self.fixed.items()}, "n_layers": self.n_layers,
                 "context": self.context, "key": self.key, "prefill": self.prefill, "prefill_fixed": self.prefill_fixed,
-                "device": self.device, "step_overhead": self.step_overhead, "row_overhead": self.row_overhead}
+                "device": self.device, "step_overhead": self.step_overhead, "row_overhead": self.row_overhead,
+                "bucketed": self.bucketed}
 
     @classmethod
     def from_dict(cls, d: dict) -> "CostSurface":
@@ -215,7 +221,7 @@ class CostSurface:
                        context=int(d.get("context") or 0), key=str(d.get("key") or ""),
                        prefill=float(d.get("prefill") or 0.0), prefill_fixed=float(d.get("prefill_fixed") or 0.0), device=str(d.get("device") or ""),
                        step_overhead=float(d.get("step_overhead") or 0.0),
-                       row_overhead=float(d.get("row_overhead") or 0.0))
+                       row_overhead=float(d.get("row_overhead") or 0.0), bucketed=bool(d.get("bucketed", False)))
         except (KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"not a cost surface: {e}") from None
 

@@ -19,6 +19,7 @@ rows in flight, in one slot cache (``kv.KVState``). Each round of the loop:
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -173,7 +174,9 @@ class Engine:
         self.vocab = model.config.vocab_size
         self.pad_id = 0
         self.bytes_per_token = kv_bytes_per_token(model)
+        self.extra_slots = 0 if steps == "dynamic" else 1  # static steps' scratch slot: in the KV budget too
         self._idle_static: StaticSteps | None = None
+        self._idle_lock = threading.Lock()
 
     def step_cache(self, slots: int, columns: int = 16) -> tuple[KVState, Callable[[torch.Tensor], torch.Tensor]]:
         """A cache of ``slots`` slots and the forward this engine's verify/decode steps run over it
@@ -185,12 +188,14 @@ class Engine:
         steps = StaticSteps(KVState(self.model, slots=slots, columns=columns, scratch_slot=True))
         return steps.kv, steps.forward
 
-    def _static_cache(self, slots: int) -> StaticSteps:
+    def _static_cache(self, slots: int, column_limit: int | None) -> StaticSteps:
         """Static steps over a cache of ``slots`` slots: the one the last finished stream of that width
-        left (same storage, same step buffers: what captured steps replay on), else a new one. A stream
-        takes it for its lifetime, so streams running side by side never share one."""
-        idle, self._idle_static = self._idle_static, None
-        if idle is None or idle.kv.slots != slots:
+        left (same storage, same step buffers: what captured steps replay on) if it fits this stream's
+        KV budget, else a new one. A stream takes it for its lifetime, so streams running side by side
+        never share one."""
+        with self._idle_lock:
+            idle, self._idle_static = self._idle_static, None
+        if idle is None or idle.kv.slots != slots or (column_limit is not None and idle.kv.columns > column_limit):
             return StaticSteps(KVState(self.model, slots=slots, scratch_slot=True))
         idle.kv.lengths.zero_()
         idle.kv.n = idle.kv.pending = 0
@@ -301,7 +306,7 @@ class Engine:
             raise ValueError(f"prefill_tokens must be >= 1, got {prefill_tokens!r}")
         column_limit = None
         if kv_budget_bytes is not None:
-            column_limit = kv_budget_bytes // (max_batch * self.bytes_per_token)
+            column_limit = kv_budget_bytes // ((max_batch + self.extra_slots) * self.bytes_per_token)
             if column_limit < 2:
                 raise ValueError(
                     f"a KV cache of {max_batch} rows does not fit the budget of {kv_budget_bytes / 2**30:.2f} GiB "
@@ -316,11 +321,12 @@ class Engine:
 
         queue = enumerate(prompts)
         if self.steps == "static":
-            steps = self._static_cache(max_batch)
+            steps = self._static_cache(max_batch, column_limit)
             kv, verify = steps.kv, steps.forward
         else:
             kv = KVState(self.model, slots=max_batch)
             verify = kv.forward
+        kv.max_columns = column_limit
         # for benchmarks: the cache's final size and where the time went
         self.last_stream = {"max_batch": max_batch, "kv_bytes": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
                             "steps": 0}
@@ -387,7 +393,8 @@ class Engine:
                 if exhausted and not joiners:
                     self.last_stream["kv_bytes"] = kv.storage_bytes()
                     if self.steps == "static":
-                        self._idle_static = steps  # the next stream of this width starts on it
+                        with self._idle_lock:
+                            self._idle_static = steps  # the next stream of this width starts on it
                     return
                 if pulse:
                     yield -1, None

@@ -97,6 +97,7 @@ class KVState:
         self.layers = [SlotLayer(self) for _ in range(self.n_layers)]
         self.cache = Cache(layers=self.layers)
         self.lengths = torch.zeros(slots, dtype=torch.long, device=self.device)  # committed tokens per slot
+        self.max_columns: int | None = None  # columns the KV budget allows (None: no budget)
         self.n = 0  # decode rows occupy slots [0, n)
         self.pending = 0  # columns written past ``lengths`` since the last commit (draft writes)
         # set per forward, read by the layers
@@ -114,6 +115,8 @@ class KVState:
         if needed <= self.columns:
             return
         new = -(-(needed if exact else max(needed, 2 * self.columns)) // 16) * 16
+        if self.max_columns is not None:  # rounding and doubling stay within the KV budget
+            new = max(needed, min(new, self.max_columns))
         for layer in self.layers:
             layer.grow(new)
         self.columns = new

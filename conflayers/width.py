@@ -108,7 +108,9 @@ def choose_width(
 ) -> WidthChoice:
     """The width for ``max_batch: auto``. ``row_tokens``: KV positions budgeted per row (prompt + new)."""
     budget = kv_budget_bytes if kv_budget_bytes is not None else default_kv_budget(engine.device)
-    fitting = [w for w in (2**i for i in range(max_width.bit_length())) if w * row_tokens * engine.bytes_per_token <= budget]
+    extra = getattr(engine, "extra_slots", 0)  # static steps' scratch slot
+    fitting = [w for w in (2**i for i in range(max_width.bit_length()))
+               if (w + extra) * row_tokens * engine.bytes_per_token <= budget]
     if not fitting:
         raise ValueError(
             f"not even one row of {row_tokens} KV positions fits the KV budget of {budget / 2**30:.2f} GiB "

@@ -52,7 +52,7 @@ def test_a_static_step_equals_the_dynamic_step_for_every_real_row(attn, n, slots
     Engine(model)  # the engine's attention plan (packed SDPA for this grouped-query model)
     lengths = [3 + 7 * i for i in range(n)]
     joiner = 20 if n < slots else 0
-    kv = cache_with_rows(model, lengths, slots, joiner)
+    kv = cache_with_rows(model, lengths, slots, joiner)  # a joiner's prompt in slot n, when there is one
     steps = StaticSteps(kv)
     # eager attention takes its softmax in float32 (transformers), where more (masked) columns round differently
     tol = 1e-10 if attn == "sdpa" else 1e-6
@@ -62,17 +62,23 @@ def test_a_static_step_equals_the_dynamic_step_for_every_real_row(attn, n, slots
             tokens = torch.randint(0, model.config.vocab_size, (n, q), generator=g)
             kv.pending = pending
             dyn = kv.forward(tokens)
-            dyn_keys = [l.keys[:n].clone() for l in kv.layers]
+            dyn_kv = [(l.keys[:n].clone(), l.values[:n].clone()) for l in kv.layers]
             kv.pending = pending
-            joiner_keys = [l.keys[n].clone() for l in kv.layers] if joiner else []
+            for l in kv.layers:  # forget what the dynamic step wrote: the static step must write it again
+                for b in range(n):
+                    start = int(kv.lengths[b]) + pending
+                    l.keys[b, :, start : start + q] = float("nan")
+                    l.values[b, :, start : start + q] = float("nan")
+            others = [(l.keys[n : kv.slots].clone(), l.values[n : kv.slots].clone()) for l in kv.layers]
             stat = steps.forward(tokens)
             assert stat.shape == dyn.shape
             torch.testing.assert_close(stat, dyn, rtol=0, atol=tol)
             assert kv.pending == pending + q
-            for l, before in zip(kv.layers, dyn_keys):  # the same keys written at the same columns
-                torch.testing.assert_close(l.keys[:n], before, rtol=0, atol=tol)
-            for l, before in zip(kv.layers, joiner_keys):  # the slot past the rows: untouched
-                assert torch.equal(l.keys[n], before)
+            for l, (keys, values) in zip(kv.layers, dyn_kv):  # the same keys and values at the same columns
+                torch.testing.assert_close(l.keys[:n], keys, rtol=0, atol=tol)
+                torch.testing.assert_close(l.values[:n], values, rtol=0, atol=tol)
+            for l, (keys, values) in zip(kv.layers, others):  # the slots past the rows (a joiner): untouched
+                assert torch.equal(l.keys[n : kv.slots], keys) and torch.equal(l.values[n : kv.slots], values)
             kv.rollback()
 
 
@@ -198,3 +204,34 @@ def test_timings_of_a_static_engine_run_its_static_steps(monkeypatch):
     calls.clear()
     measure_step_seconds(stat, 3, 24, steps=1)
     assert calls == [(3, 1)] * 2
+
+
+def test_the_scratch_slot_counts_in_the_kv_budget_and_a_kept_cache_fits_the_next_budget():
+    model = tiny_model("llama", std=0.2)
+    cfg = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    stat, dyn = Engine(model, steps="static"), Engine(model)
+    per_row = 64 * stat.bytes_per_token  # a budget of 64 positions for each of 4 rows
+    for budget in (None, 4 * per_row, None, 2 * per_row):  # unbudgeted first: a larger cache is kept
+        prompts = [list(range(1, 30))] * 3 if budget is None else RAGGED
+        got = list(stat.stream(prompts, cfg, max_batch=4, kv_budget_bytes=budget))
+        assert all(r.error is None for _, r in got)
+        if budget is not None:
+            assert stat.last_stream["kv_bytes"] <= budget  # the 5th (scratch) slot included
+    want = dyn.generate(RAGGED, cfg, max_batch=4)
+    assert [r.token_ids for _, r in sorted(got)] == [r.token_ids for r in want]
+    # a row that fits 4 slots of the budget but not 5 is refused up front (its error names the budget)
+    budget = 4 * (len(RAGGED[0]) + 12) * stat.bytes_per_token
+    (_, r), = [x for x in stat.stream([RAGGED[0]], cfg, max_batch=4, kv_budget_bytes=budget)]
+    assert r.error and "KV budget" in r.error
+    (_, r), = [x for x in dyn.stream([RAGGED[0]], cfg, max_batch=4, kv_budget_bytes=budget)]
+    assert r.error is None
+
+
+def test_a_surface_measured_on_static_steps_prices_a_step_at_its_bucket():
+    from conflayers.costs import CostSurface
+
+    table = {1: {1: 0.01}, 2: {1: 0.012}, 4: {1: 0.016}, 8: {1: 0.024}}
+    plain, bucketed = CostSurface(table, 4), CostSurface(table, 4, bucketed=True)
+    assert bucketed.seconds(3) == bucketed.seconds(4) == plain.seconds(4) and plain.seconds(3) < plain.seconds(4)
+    assert bucketed.seconds(5) == plain.seconds(8)
+    assert CostSurface.from_dict(bucketed.as_dict()).bucketed and not CostSurface.from_dict(plain.as_dict()).bucketed
