@@ -112,7 +112,7 @@ def test_inputs_are_buffers_written_in_place_per_bucket():
 
 def test_engine_rejects_unknown_steps():
     with pytest.raises(ValueError, match="steps must be one of"):
-        Engine(tiny_model(layers=2), steps="graphs")
+        Engine(tiny_model(layers=2), steps="bogus")
 
 
 def drafters(model, name):
