@@ -219,6 +219,10 @@ def test_the_scratch_slot_counts_in_the_kv_budget_and_a_kept_cache_fits_the_next
             assert stat.last_stream["kv_bytes"] <= budget  # the 5th (scratch) slot included
     want = dyn.generate(RAGGED, cfg, max_batch=4)
     assert [r.token_ids for _, r in sorted(got)] == [r.token_ids for r in want]
+    tight = 4 * 20 * dyn.bytes_per_token  # 20 positions a row: rows need 19, storage rounds to 16s
+    assert [r.token_ids for _, r in sorted(dyn.stream(RAGGED, cfg, max_batch=4, kv_budget_bytes=tight))] == \
+        [r.token_ids for r in want]
+    assert dyn.last_stream["kv_bytes"] <= tight
     # a row that fits 4 slots of the budget but not 5 is refused up front (its error names the budget)
     budget = 4 * (len(RAGGED[0]) + 12) * stat.bytes_per_token
     (_, r), = [x for x in stat.stream([RAGGED[0]], cfg, max_batch=4, kv_budget_bytes=budget)]
