@@ -230,9 +230,9 @@ class Engine:
         rows = [r for r in rows if r.prefilled < len(r.prompt)]
         segs = [r.prompt[r.prefilled : r.prefilled + chunk] for r in rows]
         width = max(map(len, segs))
-        tokens = torch.full((len(rows), width), self.pad_id, dtype=torch.long, device=self.device)
-        for t, seg in enumerate(segs):
-            tokens[t, : len(seg)] = torch.as_tensor(seg, dtype=torch.long)
+        # one padded host list, one copy to the device (not one per row)
+        tokens = torch.tensor([seg + [self.pad_id] * (width - len(seg)) for seg in segs], dtype=torch.long,
+                              device=self.device)
         offsets = torch.tensor([r.prefilled for r in rows], device=self.device)
         ending = {t: len(seg) - 1 for t, (r, seg) in enumerate(zip(rows, segs)) if r.prefilled + len(seg) == len(r.prompt)}
         keep = sorted(set(ending.values()))

@@ -82,9 +82,8 @@ def proposal_from(drafts: list[list[int]], device, drafter: str, sources: list[s
     """A deterministic proposal from per-row token lists (padding past each row's length);
     ``sources``: per row, which drafter made its draft (per-row step counts)."""
     k = max((len(d) for d in drafts), default=0)
-    tokens = torch.zeros(len(drafts), k, dtype=torch.long, device=device)
-    for b, d in enumerate(drafts):
-        if d:
-            tokens[b, : len(d)] = torch.as_tensor(d, dtype=torch.long)
+    # one padded host list, one copy to the device (not one per row: on a GPU each is a transfer)
+    tokens = torch.tensor([list(d) + [0] * (k - len(d)) for d in drafts], dtype=torch.long,
+                          device=device).reshape(len(drafts), k)
     lens = torch.tensor([len(d) for d in drafts], dtype=torch.long, device=device)
     return Proposal(tokens, lens, drafter=drafter, sources=sources)
