@@ -60,6 +60,7 @@ class SlotLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         st = self.state
+        st.writes += 1
         lo, hi = st.active
         rows, cols = st.write_index
         self.keys[rows, :, cols] = key_states.transpose(1, 2)
@@ -84,6 +85,13 @@ class SlotLayer(CacheLayerMixin):
         return -1
 
 
+def _cache_unused() -> str:
+    import transformers
+
+    return (f"the model did not use the engine's KV cache (transformers {transformers.__version__}; conflayers needs "
+            ">=5.24,<5.25: an older version does not take the cache as `cache=`)")
+
+
 class KVState:
     def __init__(self, model, slots: int, columns: int = 16, scratch_slot: bool = False):
         self.model = model
@@ -100,6 +108,7 @@ class KVState:
         self.max_columns: int | None = None  # columns the KV budget allows (None: no budget)
         self.n = 0  # decode rows occupy slots [0, n)
         self.pending = 0  # columns written past ``lengths`` since the last commit (draft writes)
+        self.writes = 0  # layer writes during the current forward (0 after one: the model ignored the cache)
         # set per forward, read by the layers
         self.active = (0, 0)
         self.write_index: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -153,16 +162,26 @@ class KVState:
         self.ensure_columns(kv_len)
         slot_idx = torch.arange(lo, hi, device=tokens.device)[:, None].expand(B, q)
         self.active, self.write_index, self.read_len = (lo, hi), (slot_idx, positions), kv_len
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=self.attention_mask(positions, kv_len),
-            position_ids=positions,
-            cache=self.cache,
-            use_cache=True,
-            logits_to_keep=logits_to_keep,
-        )
+        logits = self.run_model(tokens, self.attention_mask(positions, kv_len), positions, logits_to_keep)
         if rows is None:
             self.pending += q
+        return logits
+
+    def run_model(self, tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                  logits_to_keep: int | torch.Tensor = 0) -> torch.Tensor:
+        """The model over this cache (``active``, ``write_index`` and ``read_len`` set by the caller);
+        an error if the model never wrote to it (a transformers version that does not take ``cache=``
+        would decode without the rows' past and return wrong tokens)."""
+        self.writes = 0
+        try:
+            out = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, cache=self.cache,
+                             use_cache=True, logits_to_keep=logits_to_keep)
+        except Exception as e:
+            if self.writes:
+                raise
+            raise RuntimeError(f"{_cache_unused()}; the forward failed: {e}") from e
+        if not self.writes:
+            raise RuntimeError(_cache_unused())
         return out.logits
 
     def rollback(self) -> None:

@@ -132,8 +132,7 @@ class StaticSteps:
         w, _, c = key
         kv = self.kv
         kv.active, kv.write_index, kv.read_len = (0, w), (buf.write_rows, buf.positions), c
-        return kv.model(input_ids=buf.tokens, attention_mask=buf.mask, position_ids=buf.positions, cache=kv.cache,
-                        use_cache=True).logits
+        return kv.run_model(buf.tokens, buf.mask, buf.positions)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """``KVState.forward(tokens)`` for the decode rows, in a static shape: logits [n, q, V]; the

@@ -7,6 +7,7 @@ import torch
 
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, Request, SamplingParams
 from conflayers.corpus import CorpusDrafter
+from conflayers.engine import STEPS
 from conflayers.kv import KVState
 from conflayers.ngram import NgramDrafter
 from conflayers.steps import MIN_COLUMNS, StaticSteps, bucket, column_bucket, width_buckets
@@ -239,3 +240,21 @@ def test_a_surface_measured_on_static_steps_prices_a_step_at_its_bucket():
     assert bucketed.seconds(3) == bucketed.seconds(4) == plain.seconds(4) and plain.seconds(3) < plain.seconds(4)
     assert bucketed.seconds(5) == plain.seconds(8)
     assert CostSurface.from_dict(bucketed.as_dict()).bucketed and not CostSurface.from_dict(plain.as_dict()).bucketed
+
+
+def test_a_model_that_ignores_the_engines_cache_is_an_error_not_wrong_tokens():
+    """What a transformers version without ``cache=`` does: it decodes without the rows' past."""
+    from transformers import LlamaForCausalLM
+
+    class IgnoresTheCache(LlamaForCausalLM):
+        def forward(self, *args, cache=None, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    model = tiny_model("llama", layers=2)
+    kv = cache_with_rows(model, [4, 6], slots=2)  # prefilled while the model still takes the cache
+    model.__class__ = IgnoresTheCache
+    for steps in STEPS:
+        with pytest.raises(RuntimeError, match="did not use the engine's KV cache.*needs >=5.24"):
+            Engine(model, steps=steps).generate([[1, 2, 3]], GenerationConfig(max_new_tokens=4))
+    with pytest.raises(RuntimeError, match="did not use the engine's KV cache"):  # a static step's own call
+        StaticSteps(kv).forward(torch.ones(2, 1, dtype=torch.long))
