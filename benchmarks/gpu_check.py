@@ -19,6 +19,15 @@ weights): SmolLM2-135M's shape and, on a GPU, a Llama-3-8B shape; bfloat16 on CU
 (e) ``surfaces``: the cost surfaces ``jobs.cost`` reads (``predict.surfaces``), in ``OUT/surfaces.json``,
     with the stream check's measured/forecast ratio per width.
 
+On a lent machine (PyTorch and transformers installed, no network, an older transformers than the
+engine's ``cache=`` needs): download the wheel here, carry it, install it there first::
+
+    pip download --no-deps transformers==5.24.0 -d .wheels      # here; .wheels/ in .git/info/exclude
+    pip install -q --no-deps .wheels/transformers-5.24.0-py3-none-any.whl && \
+        PYTHONUNBUFFERED=1 python benchmarks/gpu_check.py --out $OUT/gpu    # there (carry: .wheels)
+
+(d) needs Ray, whose wheel (79 MB) is over what travels to such a machine (64 MiB): it is skipped there.
+
 ``roofline_ratio_8b_w64`` is the 8B-shape decode step (q = 1, width 64, the faster mode) over the time
 to read its weights once at the memory bandwidth measured here (a device-to-device copy).
 """
@@ -230,6 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--context", type=int, default=512, help="cached tokens a row in the step timings")
     p.add_argument("--skip-job", action="store_true")
     args = p.parse_args(argv)
+    import transformers
+
+    if tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (5, 24):
+        print(f"transformers {transformers.__version__} is too old for the engine (>=5.24,<5.25): install the "
+              "carried wheel first (see this script's docstring)", file=sys.stderr)
+        return 2
     t_start = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     cuda = args.device.startswith("cuda")
