@@ -68,13 +68,16 @@ def stream_check(engine, surface, lengths: list[tuple[int, int]], width: int, n_
     print(f"check {engine.steps} steps, width {width}: {toks} tokens (expected {want}) in {secs:.2f} s = "
           f"{toks / secs:.0f} tok/s; forecast {pred:.2f} s = {want / pred:.0f} tok/s ({pred / secs - 1:+.1%}); prefill "
           f"{ls['prefill_seconds']:.2f} s (forecast {fc.prefill_seconds:.2f}), decode {ls['decode_seconds']:.2f} s over "
-          f"{ls['steps']} steps (forecast {fc.decode_seconds:.2f} over {fc.steps})", flush=True)
+          f"{ls['steps']} steps (forecast {fc.decode_seconds:.2f} over {fc.steps}); decode time in draft "
+          f"{ls['draft_seconds']:.2f}, verify {ls['verify_seconds']:.2f}, sync {ls['sync_seconds']:.2f}, rows "
+          f"{ls['rows_seconds']:.2f}, move {ls['move_seconds']:.2f}", flush=True)
     return {"width": width, "rows": len(rows), "tokens": toks, "expected_tokens": want,
             "measured_s": secs, "predicted_s": pred, "measured_tok_s": toks / secs,
             "predicted_tok_s": want / pred, "error": pred / secs - 1,
             "measured_prefill_s": ls["prefill_seconds"], "measured_decode_s": ls["decode_seconds"],
             "measured_steps": ls["steps"], "predicted_prefill_s": fc.prefill_seconds,
-            "predicted_decode_s": fc.decode_seconds, "predicted_steps": fc.steps}
+            "predicted_decode_s": fc.decode_seconds, "predicted_steps": fc.steps,
+            **{f"measured_{part}_s": ls[f"{part}_seconds"] for part in ("draft", "verify", "sync", "rows", "move")}}
 
 
 def main() -> int:

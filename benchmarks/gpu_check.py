@@ -18,6 +18,8 @@ weights): SmolLM2-135M's shape and, on a GPU, a Llama-3-8B shape; bfloat16 on CU
     reason, where Ray or the pipeline's dependencies are not installed.
 (e) ``surfaces``: the cost surfaces ``jobs.cost`` reads (``predict.surfaces``), in ``OUT/surfaces.json``,
     with the stream check's measured/forecast ratio per width.
+(f) ``profile``: one short stream under ``torch.profiler`` (``OUT/profile.txt``: ops by host and device
+    time; kernel launches per decode step).
 
 On a lent machine (PyTorch and transformers installed, no network, an older transformers than the
 engine's ``cache=`` needs): download the wheel here, carry it, install it there first::
@@ -49,7 +51,7 @@ sys.path.insert(0, HERE)
 
 from device_cost_check import stream_check, sync  # noqa: E402
 
-from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, NgramDrafter  # noqa: E402
+from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, NgramDrafter, Request  # noqa: E402
 from conflayers.calibrate import calibrate  # noqa: E402
 from conflayers.costs import DEFAULT_QS  # noqa: E402
 from conflayers.kv import KVState  # noqa: E402
@@ -158,6 +160,31 @@ def step_times(model, width: int, qs: list[int], context: int, reps: int, device
     return {mode: {q: times[(mode, q)] * 1e3 for q in qs} for mode in MODES}
 
 
+def profile_stream(engine, lengths: list[tuple[int, int]], width: int, n_rows: int, device: str, path: str) -> dict:
+    """One plain stream under ``torch.profiler``: the ops by host time (and by device time on CUDA) to
+    ``path``, and the kernel launches a decode step makes (where a launch-bound step's time goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    rows = [lengths[j % len(lengths)] for j in range(n_rows)]
+    g = torch.Generator().manual_seed(1)
+    reqs = [Request(torch.randint(3, engine.vocab, (p_,), generator=g).tolist(), n) for p_, n in rows]
+    gc = GenerationConfig(max_new_tokens=max(n for _, n in rows), stop_token_ids=())
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        list(engine.stream(reqs, gc, max_batch=width))
+        sync(device)
+    ls = engine.last_stream
+    ka = prof.key_averages()
+    launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    with open(path, "w") as f:
+        f.write(f"{engine.steps} steps, width {width}, {n_rows} rows, {ls['steps']} decode steps, "
+                f"{launches} kernel launches\n\n# by host time\n{ka.table(sort_by='self_cpu_time_total', row_limit=30)}\n")
+        if cuda:
+            f.write(f"\n# by device time\n{ka.table(sort_by='self_cuda_time_total', row_limit=30)}\n")
+    return {"steps": engine.steps, "width": width, "rows": n_rows, "decode_steps": ls["steps"],
+            "kernel_launches": launches, "file": os.path.basename(path)}
+
+
 # -- (d) --------------------------------------------------------------------------------------------------
 def job_check(shape: dict, dtype: str, device: str, rows: int, max_tokens: int, width: str, workdir: str) -> dict:
     import importlib.util
@@ -226,6 +253,7 @@ def table(res: dict) -> str:
     if res.get("roofline_ratio_8b_w64") is not None:
         lines.append(f"\n**8B roofline** at width 64: decode step / weight-read time = {res['roofline_ratio_8b_w64']:.2f} "
                      f"(/ weight + KV read time: {res['roofline_ratio_8b_w64_with_kv']:.2f})")
+    lines.append(f"\n**(f) profile** (`profile.txt`): {json.dumps(res['profile'])}")
     lines.append(f"\n**(d) job**: {json.dumps(res['job'])}")
     lines.append(f"\n**(e) surfaces**: {', '.join(res['surface_keys'])} in `surfaces.json`.")
     return "\n".join(lines) + "\n"
@@ -292,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
                 lengths = [(8 + p_ // 4, 4 + n // 4) for p_, n in lengths]
             for w in check_widths:
                 stream_checks.append(stream_check(engine, s, lengths, w, check_rows, args.device))
+            # (f) where a stream's time goes, op by op (a short one: profiling slows it)
+            res["profile"] = profile_stream(engine, lengths, check_widths[0], min(check_rows, 64), args.device,
+                                            os.path.join(args.out, "profile.txt"))
             surfaces[s.key] = {**s.as_dict(), "stream_ratio": {str(c["width"]): c["measured_s"] / c["predicted_s"]
                                                                for c in stream_checks}}
             del engine

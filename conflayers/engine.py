@@ -327,9 +327,13 @@ class Engine:
             kv = KVState(self.model, slots=max_batch)
             verify = kv.forward
         kv.max_columns = column_limit
-        # for benchmarks: the cache's final size and where the time went
+        # for benchmarks: the cache's final size and where the time went. decode = draft + verify (until the
+        # step's kernels are issued; on a GPU they may still run), then sync (waiting for its results), rows
+        # (per-row commits, statistics, the drafter's observe) and move (retired rows' slots refilled)
         self.last_stream = {"max_batch": max_batch, "kv_bytes": 0, "prefill_seconds": 0.0, "decode_seconds": 0.0,
-                            "steps": 0}
+                            "steps": 0, "draft_seconds": 0.0, "verify_seconds": 0.0, "sync_seconds": 0.0,
+                            "rows_seconds": 0.0, "move_seconds": 0.0}
+        times = self.last_stream
         rows: list[_Row] = []  # decode rows; rows[s] lives in slot s
         joiners: list[_Row] = []  # being prefilled, in slots [jlo, jlo + len(joiners))
         jlo = 0
@@ -422,11 +426,15 @@ class Engine:
                 a, y = accept_sampled(prop.tokens, prop.lens, p, q, gen)
             kv.commit(a)
             step_t1 = time.perf_counter()
-            self.last_stream["decode_seconds"] += step_t1 - step_t0
-            self.last_stream["steps"] += 1
+            times["decode_seconds"] += step_t1 - step_t0
+            times["draft_seconds"] += verify_t0 - step_t0
+            times["verify_seconds"] += step_t1 - verify_t0
+            times["steps"] += 1
 
             drafts = prop.tokens.tolist()
             a_list, y_list, lens = a.tolist(), y.tolist(), prop.lens.tolist()
+            rows_t0 = time.perf_counter()
+            times["sync_seconds"] += rows_t0 - step_t1
             committed = []
             for b, r in enumerate(rows):
                 toks, reason = commit(drafts[b], a_list[b], y_list[b], stop_ids, r.budget - len(r.result.token_ids))
@@ -450,12 +458,15 @@ class Engine:
                     budget=[r.budget for r in rows],
                 )
             )
+            times["rows_seconds"] += time.perf_counter() - rows_t0
             # 5. retire: the last decode row moves into each freed slot
             for s in sorted((s for s, r in enumerate(rows) if r.done), reverse=True):
                 yield rows[s].index, rows[s].result
                 end = len(rows) - 1
                 if s != end:
+                    move_t0 = time.perf_counter()
                     kv.move(end, s)
+                    times["move_seconds"] += time.perf_counter() - move_t0
                     rows[s] = rows[end]
                 rows.pop()
             kv.n = len(rows)

@@ -67,5 +67,9 @@ def test_gpu_check_runs_on_a_cpu_and_writes_its_results(tmp_path):
     assert res["job"]["rows"] == 8 and res["job"]["errors"] == 0 and res["job"]["tokens_per_s"] > 0
     surfaces = json.loads((tmp_path / "surfaces.json").read_text())
     assert list(surfaces) == res["surface_keys"] and set(next(iter(surfaces.values()))["stream_ratio"]) == {"2"}
+    assert res["profile"]["decode_steps"] > 0 and "by host time" in (tmp_path / "profile.txt").read_text()
+    check = res["stream_checks"][0]  # where the stream's decode time went
+    parts = sum(check[f"measured_{p}_s"] for p in ("draft", "verify", "sync", "rows", "move"))
+    assert 0 < parts <= check["measured_s"] and check["measured_verify_s"] > 0
     table = (tmp_path / "table.md").read_text()
     assert "| width | dynamic q=1 | static q=1 | dynamic q=2 | static q=2 |" in table and "**(d) job**" in table
