@@ -85,11 +85,11 @@ class SlotLayer(CacheLayerMixin):
         return -1
 
 
-def _cache_unused() -> str:
+def _version_hint() -> str:
     import transformers
 
-    return (f"the model did not use the engine's KV cache (transformers {transformers.__version__}; conflayers needs "
-            ">=5.24,<5.25: an older version does not take the cache as `cache=`)")
+    return (f"transformers {transformers.__version__}; conflayers needs >=5.24,<5.25: an older version does not "
+            "take the cache as `cache=`")
 
 
 class KVState:
@@ -179,9 +179,10 @@ class KVState:
         except Exception as e:
             if self.writes:
                 raise
-            raise RuntimeError(f"{_cache_unused()}; the forward failed: {e}") from e
+            raise RuntimeError(f"the forward failed before it wrote the engine's KV cache: {e} "
+                               f"({_version_hint()})") from e
         if not self.writes:
-            raise RuntimeError(_cache_unused())
+            raise RuntimeError(f"the model did not use the engine's KV cache ({_version_hint()})")
         return out.logits
 
     def rollback(self) -> None:
