@@ -54,7 +54,6 @@ from device_cost_check import stream_check, sync  # noqa: E402
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, NgramDrafter, Request  # noqa: E402
 from conflayers.calibrate import calibrate  # noqa: E402
 from conflayers.costs import DEFAULT_QS  # noqa: E402
-from conflayers.kv import KVState  # noqa: E402
 from conflayers.steps import StaticSteps  # noqa: E402
 from conflayers.width import device_name  # noqa: E402
 
@@ -136,12 +135,8 @@ def lossless(device: str) -> dict:
 @torch.inference_mode()
 def step_times(model, width: int, qs: list[int], context: int, reps: int, device: str) -> dict:
     """{mode: {q: ms}} of one verify/decode step over ``width`` rows of ``context`` cached tokens."""
-    Engine(model)  # the engine's kernel and attention plan, as in a stream
-    kv = KVState(model, slots=width, columns=context + max(qs) + 8, scratch_slot=True)
-    zeros = torch.zeros(width, dtype=torch.long, device=device)
-    kv.forward(torch.ones(width, 1, dtype=torch.long, device=device), rows=(0, width), offsets=zeros)
-    kv.lengths[:width] = context
-    kv.n = width
+    # the engine's kernel and attention plan, as in a stream; one cache both step modes run on
+    kv, _ = Engine(model, steps="static").step_cache(width, columns=context + max(qs) + 8, context=context)
     fns = {"dynamic": kv.forward, "static": StaticSteps(kv).forward}
     cells = [(mode, q) for q in qs for mode in MODES]
     times = {c: float("inf") for c in cells}

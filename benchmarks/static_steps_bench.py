@@ -26,7 +26,6 @@ sys.path.insert(0, HERE)
 from gpu_check import SHAPES, build  # noqa: E402
 
 from conflayers import Engine  # noqa: E402
-from conflayers.kv import KVState  # noqa: E402
 from conflayers.steps import StaticSteps, bucket, column_bucket, width_buckets  # noqa: E402
 from conflayers.width import device_name  # noqa: E402
 
@@ -35,10 +34,7 @@ SLOTS = 64
 
 @torch.inference_mode()
 def cell(model, rows: int, context: int, q: int, reps: int) -> dict:
-    kv = KVState(model, slots=SLOTS, columns=1024, scratch_slot=True)
-    zeros = torch.zeros(SLOTS, dtype=torch.long)
-    kv.forward(torch.ones(SLOTS, 1, dtype=torch.long), rows=(0, SLOTS), offsets=zeros)
-    kv.lengths[:] = context
+    kv, _ = Engine(model, steps="static").step_cache(SLOTS, columns=1024, context=context)
     kv.n = rows
     fns = {"dynamic": kv.forward, "static": StaticSteps(kv).forward}
     best = {m: float("inf") for m in fns}

@@ -62,11 +62,7 @@ def calibrate(engine, widths=DEFAULT_WIDTHS, qs=DEFAULT_QS, context: int = 256, 
     half = frozenset(range(1, L, 2))  # every other layer: a typical ConfLayers skip ratio
     table, fixed = {}, {}
     for w in widths:
-        kv, step = engine.step_cache(w, columns=context + max(qs) + 8)  # the engine's verify steps
-        zeros = torch.zeros(w, dtype=torch.long, device=engine.device)
-        kv.forward(torch.ones(w, 1, dtype=torch.long, device=engine.device), rows=(0, w), offsets=zeros)
-        kv.lengths[:] = context
-        kv.n = w
+        kv, step = engine.step_cache(w, columns=context + max(qs) + 8, context=context)  # the engine's verify steps
         cells = [("full", q) for q in timed_qs(w, qs)] + ([("half", 1)] if half else [])
         t = _time_cells(kv, step, cells, engine.model, half, reps if w < WIDE else min(reps, 2), cuda)
         table[w] = {q: t[("full", q)] for q in timed_qs(w, qs)}

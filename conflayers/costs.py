@@ -122,11 +122,14 @@ class CostSurface:
             return w, w, 0.0
         return w0, w1, (math.log2(w) - math.log2(w0)) / (math.log2(w1) - math.log2(w0))
 
+    def _width(self, w: int) -> int:
+        """The rows a step of ``w`` rows runs: ``w``, or on static steps its bucket (the next power of 2)."""
+        w = max(1, int(w))
+        return 1 << (w - 1).bit_length() if self.bucketed else w
+
     def seconds(self, w: int, q: int = 1) -> float:
         """Predicted seconds of one forward of ``q`` new tokens for ``w`` rows."""
-        w, q = max(1, int(w)), max(1, int(q))
-        if self.bucketed:  # static steps pad the rows to their bucket
-            w = 1 << (w - 1).bit_length()
+        w, q = self._width(w), max(1, int(q))
         w0, w1, t = self._around(w)
         s = (1 - t) * self._row_seconds(w0, q) + t * self._row_seconds(w1, q)
         if w > self.widths[-1]:  # wider than measured: assume the cost scales with the rows
@@ -185,9 +188,7 @@ class CostSurface:
         multi-token passes are than that width's correction says (per width and over all widths)."""
         if not (seconds > 0 and math.isfinite(seconds)):
             return
-        w, q = max(1, int(w)), max(1, int(q))
-        if self.bucketed:  # static steps pad the rows to their bucket
-            w = 1 << (w - 1).bit_length()
+        w, q = self._width(w), max(1, int(q))
         w0, w1, t = self._around(w)
         near = w0 if t < 0.5 else w1
         pred = self.seconds(w, q)

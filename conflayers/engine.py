@@ -178,15 +178,25 @@ class Engine:
         self._idle_static: StaticSteps | None = None
         self._idle_lock = threading.Lock()
 
-    def step_cache(self, slots: int, columns: int = 16) -> tuple[KVState, Callable[[torch.Tensor], torch.Tensor]]:
+    def step_cache(self, slots: int, columns: int = 16,
+                   context: int | None = None) -> tuple[KVState, Callable[[torch.Tensor], torch.Tensor]]:
         """A cache of ``slots`` slots and the forward this engine's verify/decode steps run over it
         (``kv.forward``, or static steps' ``forward``): for timings that should see what a stream sees
-        (a layer-skip draft pass always runs ``kv.forward``)."""
+        (a layer-skip draft pass always runs ``kv.forward``). With ``context``, every slot is a decode
+        row of ``context`` cached tokens (what they hold does not change a step's cost)."""
         if self.steps == "dynamic":
             kv = KVState(self.model, slots=slots, columns=columns)
-            return kv, kv.forward
-        steps = StaticSteps(KVState(self.model, slots=slots, columns=columns, scratch_slot=True))
-        return steps.kv, steps.forward
+            step = kv.forward
+        else:
+            steps = StaticSteps(KVState(self.model, slots=slots, columns=columns, scratch_slot=True))
+            kv, step = steps.kv, steps.forward
+        if context is not None:
+            with torch.no_grad():
+                zeros = torch.zeros(slots, dtype=torch.long, device=self.device)
+                kv.forward(torch.ones(slots, 1, dtype=torch.long, device=self.device), rows=(0, slots), offsets=zeros)
+            kv.lengths[:] = context
+            kv.n = slots
+        return kv, step
 
     def _static_cache(self, slots: int, column_limit: int | None) -> StaticSteps:
         """Static steps over a cache of ``slots`` slots: the one the last finished stream of that width

@@ -78,12 +78,9 @@ def default_cache_file() -> Path:
 
 def measure_step_seconds(engine, width: int, context: int, steps: int = 3) -> float:
     """Median seconds of one plain decode step at ``width`` rows after ``context`` cached tokens."""
-    kv, step = engine.step_cache(width, columns=context + 8)
     tok = torch.ones(width, 1, dtype=torch.long, device=engine.device)
     with torch.inference_mode():
-        kv.forward(tok, rows=(0, width), offsets=torch.zeros(width, dtype=torch.long, device=engine.device))
-        kv.lengths[:] = context
-        kv.n = width
+        kv, step = engine.step_cache(width, columns=context + 8, context=context)
         times = []
         for _ in range(steps + 1):
             if engine.device.type == "cuda":
