@@ -21,13 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from engine_bench import table, timed_forward  # noqa: E402  (run as a script from benchmarks/)
 
 from conflayers import Engine
 from conflayers.attention import NAME
+from conflayers.costs.width import device_name
 from conflayers.models import load_model
-from conflayers.width import device_name
 
 ATTENTION = ("sdpa", NAME)
 LABEL = {"sdpa": "transformers SDPA", NAME: "packed"}

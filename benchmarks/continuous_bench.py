@@ -5,7 +5,7 @@ Methods, all greedy with a fixed token budget (no stop tokens, so every method d
 - ``static b8``: the engine on the same fixed batches of 8 (finished rows leave, nothing refills:
   the engine and pipeline before continuous batching);
 - ``continuous wN``: one ``Engine.stream`` over all prompts with N rows in flight, for each
-  ``--widths`` entry and ``auto`` (``conflayers.width.choose_width``);
+  ``--widths`` entry and ``auto`` (``conflayers.costs.width.choose_width``);
 - ``ceiling wN``: tokens/s of bare plain decode forwards at width N after a ~200-token context
   (no prefill, no sampling, no bookkeeping): the most the engine could do at that width.
 
@@ -27,13 +27,12 @@ import time
 from pathlib import Path
 
 import torch
-
 from engine_bench import hf_generate, load_prompts, table  # noqa: E402  (run as a script from benchmarks/)
 from kernel_bench import cpu_name, resident_mib  # noqa: E402
 
 from conflayers import Engine, GenerationConfig
+from conflayers.costs.width import choose_width, measure_step_seconds
 from conflayers.models import encode_prompts, load_model
-from conflayers.width import choose_width, measure_step_seconds
 
 
 def main():

@@ -33,16 +33,15 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-
 from engine_bench import SPEC_BENCH, table  # noqa: E402  (run as a script from benchmarks/)
 from kernel_bench import cpu_name  # noqa: E402
 
 from conflayers import Engine, GenerationConfig, LayerSkipDrafter, Request
-from conflayers.calibrate import load_or_calibrate
-from conflayers.controller import build_drafter, surface_grid
-from conflayers.corpus import CorpusDrafter, SuffixIndex
+from conflayers.costs.calibrate import load_or_calibrate
+from conflayers.costs.width import choose_width
+from conflayers.drafts.auto import build_drafter, surface_grid
+from conflayers.drafts.corpus import CorpusDrafter, SuffixIndex
 from conflayers.models import encode_prompts, load_model
-from conflayers.width import choose_width
 
 FIRST = ["Maria", "James", "Aiko", "Lukas", "Fatima", "Chen", "Olga", "Diego", "Amara", "Noah", "Priya", "Tomás"]
 LAST = ["Lopez", "Smith", "Tanaka", "Becker", "Haddad", "Wei", "Ivanova", "Ruiz", "Okafor", "Brown", "Patel", "Silva"]

@@ -8,7 +8,7 @@ the bundled SmolLM2's 98 MB GGUF need not travel), calibrates the cost surface i
 (``OUTDIR/surfaces.json``, the file ``jobs.cost``'s ``predict.surfaces`` reads), then streams rows
 of the given (prompt tokens, generated tokens) lengths through ``Engine.stream`` at several widths
 with stop tokens off (each row generates exactly its length) and compares the measured seconds
-with ``conflayers.forecast.stream_seconds`` on the surface just measured (``OUTDIR/check.json``;
+with ``conflayers.costs.forecast.stream_seconds`` on the surface just measured (``OUTDIR/check.json``;
 the ratio measured/forecast per width is stored with the surface as ``stream_ratio``).
 """
 
@@ -25,10 +25,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from conflayers import Engine, GenerationConfig, Request  # noqa: E402
-from conflayers.calibrate import calibrate  # noqa: E402
-from conflayers.costs import DEFAULT_QS  # noqa: E402
-from conflayers.forecast import stream_seconds  # noqa: E402
-from conflayers.width import device_name  # noqa: E402
+from conflayers.costs.calibrate import calibrate  # noqa: E402
+from conflayers.costs.forecast import stream_seconds  # noqa: E402
+from conflayers.costs.surface import DEFAULT_QS  # noqa: E402
+from conflayers.costs.width import device_name  # noqa: E402
 
 
 def build(config_dir: str, dtype: str, device: str, name: str):
@@ -49,7 +49,7 @@ def sync(device: str) -> None:
 def stream_check(engine, surface, lengths: list[tuple[int, int]], width: int, n_rows: int, device: str) -> dict:
     """Stream ``n_rows`` random-token rows of the given (prompt, generated) lengths through ``engine`` at
     ``width`` (stop tokens off: each row generates exactly its length, after a width-8 warm-up) and
-    compare the seconds with ``conflayers.forecast.stream_seconds`` on ``surface``; prints a line."""
+    compare the seconds with ``conflayers.costs.forecast.stream_seconds`` on ``surface``; prints a line."""
     rows = [lengths[j % len(lengths)] for j in range(n_rows)]
     g = torch.Generator().manual_seed(0)
     reqs = [Request(torch.randint(3, engine.vocab, (p_,), generator=g).tolist(), n) for p_, n in rows]

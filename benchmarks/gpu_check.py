@@ -12,7 +12,7 @@ weights): SmolLM2-135M's shape and, on a GPU, a Llama-3-8B shape; bfloat16 on CU
     exact shape; ``static``: bucketed shapes, ``conflayers.steps``, run eagerly), width and q (tokens a
     row), min over rounds in rotated order, on a cache of ``--context`` tokens a row.
 (c) ``stream_vs_forecast``: ``Engine.stream`` seconds over the forecast of the cost surface just
-    calibrated (``conflayers.forecast``), at widths 64 and 256 (SmolLM2 shape).
+    calibrated (``conflayers.costs.forecast``), at widths 64 and 256 (SmolLM2 shape).
 (d) ``job``: the generation job end to end on one actor (local Ray; the SmolLM2-shape model saved with a
     byte-level tokenizer trained on the prompts), its rows, error rows and tokens/s; skipped, with the
     reason, where Ray or the pipeline's dependencies are not installed.
@@ -52,10 +52,10 @@ sys.path.insert(0, HERE)
 from device_cost_check import stream_check, sync  # noqa: E402
 
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, NgramDrafter, Request  # noqa: E402
-from conflayers.calibrate import calibrate  # noqa: E402
-from conflayers.costs import DEFAULT_QS  # noqa: E402
+from conflayers.costs.calibrate import calibrate  # noqa: E402
+from conflayers.costs.surface import DEFAULT_QS  # noqa: E402
+from conflayers.costs.width import device_name  # noqa: E402
 from conflayers.steps import StaticSteps  # noqa: E402
-from conflayers.width import device_name  # noqa: E402
 
 SHAPES = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -187,10 +187,11 @@ def job_check(shape: dict, dtype: str, device: str, rows: int, max_tokens: int, 
     missing = [m for m in ("ray", "omegaconf", "pyarrow", "s3fs") if importlib.util.find_spec(m) is None]
     if missing:
         return {"skipped": f"not installed here: {', '.join(missing)} (the job needs them)"}
-    from jobs.generate import main as generate
     import pyarrow.parquet as pq
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
+    from jobs.generate import main as generate
 
     texts = [f"Summarize item {i}: the {['red', 'blue', 'green'][i % 3]} box holds {i * 7 % 50} parts, "
              f"shipped on day {i % 28 + 1}." for i in range(rows)]

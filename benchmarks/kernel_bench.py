@@ -17,8 +17,8 @@ Writes ``table.md`` and ``forward_costs.json`` (the cost surface) under ``--out`
 from __future__ import annotations
 
 import argparse
-import json
 import gc
+import json
 import shlex
 import statistics
 import sys
@@ -27,13 +27,12 @@ from pathlib import Path
 
 import psutil
 import torch
-
 from engine_bench import hf_generate, load_prompts, table, timed_forward  # noqa: E402  (run as a script from benchmarks/)
 
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter
+from conflayers.costs.width import device_name
 from conflayers.kernels import apply_kernels, restore_native
 from conflayers.models import encode_prompts, load_model
-from conflayers.width import device_name
 
 KERNELS = ("native", "onednn")
 

@@ -26,8 +26,8 @@ sys.path.insert(0, HERE)
 from gpu_check import SHAPES, build  # noqa: E402
 
 from conflayers import Engine  # noqa: E402
+from conflayers.costs.width import device_name  # noqa: E402
 from conflayers.steps import StaticSteps, bucket, column_bucket, width_buckets  # noqa: E402
-from conflayers.width import device_name  # noqa: E402
 
 SLOTS = 64
 

@@ -1,15 +1,18 @@
 """ConfLayers: training-free self-speculative decoding by confidence-guided layer skipping."""
 
-from .controller import AutoDrafter, build_drafter
-from .corpus import CorpusDrafter, SuffixIndex
-from .costs import CostSurface
-from .drafters import DraftContext, Drafter, FixedSkip, LayerSkipDrafter, NoDrafter, Proposal, StepOutcome
+from .costs.surface import CostSurface
+from .drafts.auto import AutoDrafter, build_drafter
+from .drafts.corpus import CorpusDrafter, SuffixIndex
+from .drafts.layerskip import FixedSkip, LayerSkipDrafter
+from .drafts.ngram import NgramDrafter
+from .drafts.router import GroupRouter
+from .drafts.seam import DraftContext, Drafter, NoDrafter, Proposal, StepOutcome
 from .engine import Engine, GenerationConfig, Request, RowResult, RowStats
 from .layers import capture_sublayers, decoder_layers, skip_layers, validate_skip_set
-from .ngram import NgramDrafter
-from .router import GroupRouter
 from .sampling import SamplingParams
-from .search import ConfLayersSearch, SearchConfig, SwiftSearch, make_policy
+from .search.conflayers import ConfLayersSearch, SearchConfig
+from .search.policy import make_policy
+from .search.swift import SwiftSearch
 
 __all__ = [
     "AutoDrafter",

@@ -9,17 +9,18 @@ import sys
 import time
 from pathlib import Path
 
-from .controller import DRAFTERS, build_drafter, surface_grid
-from .calibrate import load_or_calibrate
-from .drafters import FixedSkip, LayerSkipDrafter
-from .registry import entry_from_policy, save_entry
-from .search import OBJECTIVES, SEARCHERS, make_policy
+from .costs.calibrate import load_or_calibrate
+from .costs.width import choose_width
+from .drafts.auto import DRAFTERS, build_drafter, surface_grid
+from .drafts.layerskip import FixedSkip, LayerSkipDrafter
 from .engine import Engine, GenerationConfig
 from .kernels import KERNELS
 from .layers import validate_skip_set
 from .models import BUNDLED, encode_prompts, load_model
 from .sampling import SamplingParams
-from .width import choose_width
+from .search.conflayers import OBJECTIVES
+from .search.policy import SEARCHERS, make_policy
+from .search.registry import entry_from_policy, save_entry
 
 DEMO_PROMPTS = [
     "Summarize in two sentences why the sky looks blue.",

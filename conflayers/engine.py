@@ -29,7 +29,7 @@ import torch
 
 from .accept import accept_greedy, accept_sampled, commit
 from .attention import use_packed_attention
-from .drafters import DraftContext, Drafter, NoDrafter, StepOutcome
+from .drafts.seam import DraftContext, Drafter, NoDrafter, StepOutcome
 from .kernels import apply_kernels
 from .kv import KVState, kv_bytes_per_token
 from .layers import num_layers
@@ -119,7 +119,7 @@ class Request:
 
     token_ids: list[int]
     max_new_tokens: int | None = None
-    group: str = ""  # e.g. the row's dataset: conflayers.router.GroupRouter drafts per group
+    group: str = ""  # e.g. the row's dataset: conflayers.drafts.router.GroupRouter drafts per group
     on_tokens: Callable[[list[int]], str | None] | None = None
 
 

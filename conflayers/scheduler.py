@@ -29,7 +29,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from .drafters import Drafter
+from .drafts.seam import Drafter
 from .engine import Engine, GenerationConfig, Request, RowResult, RowStats
 from .sampling import SamplingParams
 

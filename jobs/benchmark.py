@@ -29,10 +29,10 @@ import torch
 from omegaconf import OmegaConf
 
 from conflayers import Engine, GenerationConfig, LayerSkipDrafter
-from conflayers.controller import build_drafter, surface_grid
-from conflayers.calibrate import load_or_calibrate
+from conflayers.costs.calibrate import load_or_calibrate
+from conflayers.drafts.auto import build_drafter, surface_grid
 from conflayers.models import encode_prompts, load_model
-from conflayers.search import make_policy
+from conflayers.search.policy import make_policy
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC_BENCH = REPO.parent / "shared" / "data" / "spec_bench" / "question.jsonl"

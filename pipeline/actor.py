@@ -7,13 +7,13 @@ cluster-wide best set when it has one). Per batch (hundreds of rows):
 1. turn each row into token ids; unusable rows (too long, bad prompt) become error rows;
 2. stream every row through the continuous engine, each with its own token budget, freed slots
    refilled at once, under ``search.drafter``. Rows of all datasets share the decode batch. With
-   ``auto`` (default) one controller per actor (``conflayers.controller.AutoDrafter``) picks per
+   ``auto`` (default) one controller per actor (``conflayers.drafts.auto.AutoDrafter``) picks per
    step n-gram or corpus drafts (per row), a layer-skip draft for one dataset's rows (a draft pass
    runs one skip set for the whole forward; the other rows decode plainly that step), or plain
    decoding, whichever the cost surface predicts commits the most tokens/s; the surface is
    measured once per kind of accelerator and shared through the coordinator. ``layerskip`` gives
-   the datasets the draft in turn (``conflayers.router.GroupRouter``), each under its own
-   dataset's policy. Corpus drafts come from one index per dataset (``conflayers.corpus``): loaded
+   the datasets the draft in turn (``conflayers.drafts.router.GroupRouter``), each under its own
+   dataset's policy. Corpus drafts come from one index per dataset (``conflayers.drafts.corpus``): loaded
    from the last run's file, refreshed before each batch from the outputs other actors pooled in
    the coordinator, and the batch's own outputs sent there after it (``pipeline.corpus``);
 3. the rows picked for the baseline (a fraction, and at least a few per dataset) stream on their
@@ -143,7 +143,7 @@ class GenerationActor:
 
         from conflayers import Engine
         from conflayers.models import load_model
-        from conflayers.registry import model_identity
+        from conflayers.search.registry import model_identity
 
         self.cfg = cfg
         self.device = resolve_device(cfg.model.device)
@@ -161,13 +161,13 @@ class GenerationActor:
         e = cfg.engine
         self.kv_budget = None if e.kv_cache_gb is None else int(e.kv_cache_gb * 2**30)
         if lanes:
-            from conflayers.width import default_kv_budget
+            from conflayers.costs.width import default_kv_budget
 
             total = self.kv_budget if self.kv_budget is not None else default_kv_budget(self.engine.device)
             self.kv_budget = total // lanes
         row_tokens = row_tokens or cfg.generation.max_tokens + 1024
         if e.max_batch == "auto":
-            from conflayers.width import choose_width
+            from conflayers.costs.width import choose_width
 
             choice = choose_width(self.engine, self.kv_budget, row_tokens=row_tokens)
             self.width = choice.width
@@ -261,7 +261,7 @@ class GenerationActor:
         its acceptance estimates and the refined cost surface carry over from batch to batch; each
         dataset's layer-skip drafts run under that dataset's policy."""
         from conflayers import LayerSkipDrafter
-        from conflayers.controller import build_drafter
+        from conflayers.drafts.auto import build_drafter
 
         s = self.cfg.search
         layer_skip = None
@@ -287,7 +287,7 @@ class GenerationActor:
         if not uses_corpus(self.cfg):
             return
         if self.corpus is None:
-            from conflayers.corpus import CorpusDrafter
+            from conflayers.drafts.corpus import CorpusDrafter
 
             self.corpus_key = index_key(self.model_id, self.tokenizer)
             self.corpus = CorpusDrafter(new_index=lambda d: load_index(self.cfg, d, self.corpus_key),
@@ -322,9 +322,9 @@ class GenerationActor:
     def _surface(self):
         """The cost surface for this accelerator: the coordinator's if another actor measured it,
         else the cache file's, else measured now (and shared)."""
-        from conflayers.controller import surface_grid
-        from conflayers.calibrate import load_or_calibrate
-        from conflayers.costs import CostSurface, surface_key
+        from conflayers.costs.calibrate import load_or_calibrate
+        from conflayers.costs.surface import CostSurface, surface_key
+        from conflayers.drafts.auto import surface_grid
 
         widths, qs = surface_grid(self.width, self.cfg.search.max_draft_len)
         key = surface_key(self.engine)

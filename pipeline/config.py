@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 SEARCHERS = ("conflayers", "static", "swift", "none", "cached")
-DRAFTERS = ("auto", "ngram", "corpus", "layerskip", "none")  # conflayers.controller.DRAFTERS (no torch import here)
+DRAFTERS = ("auto", "ngram", "corpus", "layerskip", "none")  # conflayers.drafts.auto.DRAFTERS (no torch import here)
 FORMATS = ("records", "specbench", "gsm8k")
 FILE_FORMATS = ("auto", "jsonl", "parquet", "csv")
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,6 +1,6 @@
 """Corpus indexes across actors and runs: where a dataset's index is kept, how it is loaded and saved.
 
-Each actor keeps one ``conflayers.corpus.SuffixIndex`` per dataset (a ``CorpusDrafter``'s). They
+Each actor keeps one ``conflayers.drafts.corpus.SuffixIndex`` per dataset (a ``CorpusDrafter``'s). They
 are shared and kept like this:
 
 - **in a run**: after each batch an actor sends that batch's finished outputs per dataset to the
@@ -60,7 +60,7 @@ def uses_corpus(cfg) -> bool:
 def load_index(cfg, dataset: str, key: str):
     """The dataset's saved index for this model/tokenizer ``key``, or an empty one (no file, or a
     file that cannot be used: a warning says why)."""
-    from conflayers.corpus import SuffixIndex
+    from conflayers.drafts.corpus import SuffixIndex
 
     cap = cfg.corpus_index.max_tokens_indexed
     directory = corpus_dir(cfg)
@@ -80,7 +80,7 @@ def load_index(cfg, dataset: str, key: str):
 def save_pooled(cfg, pooled: dict[str, tuple[str, list]]) -> int:
     """Merge each dataset's pooled outputs of this run ({dataset: (key, outputs oldest first)}) into
     its saved index; returns the files written."""
-    from conflayers.corpus import pack, unpack
+    from conflayers.drafts.corpus import pack, unpack
 
     directory = corpus_dir(cfg)
     if not directory:

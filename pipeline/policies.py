@@ -1,6 +1,6 @@
 """Skip-set policies per dataset: the one place where the searcher (``conflayers.search``) plugs in.
 
-``make_policy`` builds a dataset's policy with ``conflayers.search.make_policy`` (``conflayers`` |
+``make_policy`` builds a dataset's policy with ``conflayers.search.policy.make_policy`` (``conflayers`` |
 ``static`` | ``swift`` | ``none`` | ``cached``). When the coordinator already holds a settled best
 set for the dataset (another actor searched it), a searching policy is replaced by that set, so a
 late actor starts warm instead of searching from scratch.
@@ -9,8 +9,8 @@ late actor starts warm instead of searching from scratch.
 from __future__ import annotations
 
 from conflayers.layers import num_layers, validate_skip_set
-from conflayers.search import StaticSkip
-from conflayers.search import make_policy as search_policy
+from conflayers.search.policy import make_policy as search_policy
+from conflayers.search.static import StaticSkip
 
 SEARCHING = ("conflayers", "swift")
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, Proposal, Request
-from conflayers.controller import AutoDrafter
-from conflayers.calibrate import calibrate, load_or_calibrate
-from conflayers.costs import CostSurface, expected_tokens
-from conflayers.drafters import DraftContext, StepOutcome
-from conflayers.ngram import NgramDrafter
+from conflayers.costs.calibrate import calibrate, load_or_calibrate
+from conflayers.costs.surface import CostSurface, expected_tokens
+from conflayers.drafts.auto import AutoDrafter
+from conflayers.drafts.ngram import NgramDrafter
+from conflayers.drafts.seam import DraftContext, StepOutcome
 
 from .conftest import tiny_model
 from .test_continuous import alone

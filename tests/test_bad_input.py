@@ -87,7 +87,7 @@ def test_bad_corpus_rows_become_error_rows_and_good_ones_pass(tmp_path):
 
 
 def test_a_corrupt_registry_file(tmp_path):
-    from conflayers.registry import RegistryError, load_entry
+    from conflayers.search.registry import RegistryError, load_entry
 
     (tmp_path / "reg.json").write_text("{not json")
     with pytest.raises(RegistryError, match=re.escape(f"skip-set registry {tmp_path / 'reg.json'} is not valid JSON")):

@@ -68,7 +68,7 @@ def test_bad_arguments_exit_2_with_a_message(args, message):
 
 def test_calibrate_prints_the_surface_draws_it_and_caches_it(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-m", "conflayers.calibrate", "--widths", "1,2", "--qs", "1,2",
+    args = [sys.executable, "-m", "conflayers.costs.calibrate", "--widths", "1,2", "--qs", "1,2",
             "--cache", str(tmp_path / "costs.json"), "--out", str(tmp_path / "costs.png")]
     first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr

@@ -5,7 +5,7 @@ import random
 import pytest
 
 from conflayers import Engine, GenerationConfig, SamplingParams
-from conflayers.corpus import CorpusDrafter, SuffixIndex
+from conflayers.drafts.corpus import CorpusDrafter, SuffixIndex
 
 from .conftest import tiny_model
 
@@ -140,8 +140,8 @@ def test_auto_with_corpus_drafts_is_lossless_and_uses_them(model, prompts, plain
     from collections import Counter
 
     from conflayers import Request
-    from conflayers.controller import AutoDrafter
-    from conflayers.ngram import NgramDrafter
+    from conflayers.drafts.auto import AutoDrafter
+    from conflayers.drafts.ngram import NgramDrafter
 
     from .test_auto_drafter import gpu_like
 
@@ -169,9 +169,9 @@ def test_controller_trusts_long_corpus_matches_and_not_short_ones():
     matches that copy keep being drafted."""
     import torch
 
-    from conflayers.controller import AutoDrafter
-    from conflayers.drafters import DraftContext, StepOutcome
-    from conflayers.ngram import NgramDrafter
+    from conflayers.drafts.auto import AutoDrafter
+    from conflayers.drafts.ngram import NgramDrafter
+    from conflayers.drafts.seam import DraftContext, StepOutcome
 
     from .test_auto_drafter import cpu_surface
 

@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from conflayers.corpus import SuffixIndex
+from conflayers.drafts.corpus import SuffixIndex
 
 
 def brute_counts(outputs, s):

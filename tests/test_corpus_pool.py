@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
-from conflayers.corpus import pack, unpack
+from conflayers.drafts.corpus import pack, unpack
 from pipeline.config import PipelineConfig
 from pipeline.coordinator import Coordinator
 from pipeline.corpus import corpus_dir, index_file, keep_newest, load_index, save_pooled

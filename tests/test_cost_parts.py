@@ -13,13 +13,13 @@ import torch
 import yaml
 
 from conflayers import Engine, GenerationConfig, Request
-from conflayers.costs import CostSurface
-from conflayers.forecast import job_seconds, stream_seconds
+from conflayers.costs.forecast import job_seconds, stream_seconds
+from conflayers.costs.surface import CostSurface
 from jobs.generate import load_config
-from pipeline.cost.run import CostConfig, read_inputs, run_cost, validate_cost
-from pipeline.cost.report import recommend
-from pipeline.metrics import metrics_table
 from pipeline.cost.prices import load_prices, parse_prices
+from pipeline.cost.report import recommend
+from pipeline.cost.run import CostConfig, read_inputs, run_cost, validate_cost
+from pipeline.metrics import metrics_table
 from tests.conftest import tiny_model
 
 REPO = Path(__file__).resolve().parents[1]

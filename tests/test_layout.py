@@ -130,3 +130,32 @@ def test_a_room_per_use(use):
             {f"pipeline.{u}" for u in USES}]
     for n in core:
         assert not {d for d in g[n] if d.split(".")[:2][-1] in USES and d.startswith("pipeline.")}, n
+
+
+ROOMS = ("drafts", "search", "costs")
+# the engine core: conflayers' top-level modules but its entry points (the public API, the CLI)
+ENTRIES = {"conflayers", "conflayers.__main__", "conflayers.cli"}
+
+
+@pytest.mark.parametrize("room", ROOMS)
+def test_a_room_per_concern_in_the_engine(room):
+    """Each room under conflayers/ is a sub-package whose docstring names every file in it and the
+    one a reader enters by."""
+    pkg = ROOT / "conflayers" / room
+    doc = ast.get_docstring(ast.parse((pkg / "__init__.py").read_text())) or ""
+    assert "Enter by" in doc, f"conflayers/{room}/__init__.py does not say where to enter"
+    files = [f for f in pkg.glob("*.py") if f.name != "__init__.py"]
+    assert files
+    for f in files:
+        assert f"``{f.stem}``" in doc, f"conflayers/{room}/__init__.py does not name {f.name}"
+
+
+def test_the_engine_core_reaches_drafts_only_through_the_seam():
+    g = graph()
+    core = [n for n in g if n.startswith("conflayers.") and n.count(".") == 1
+            and n.split(".")[1] not in ROOMS and n not in ENTRIES]
+    assert "conflayers.engine" in core and "conflayers.kv" in core
+    for n in core:
+        rooms = {d for d in g[n] if d.split(".")[1:2] and d.split(".")[1] in ROOMS}
+        assert rooms <= {"conflayers.drafts.seam"}, f"{n} imports {sorted(rooms)}"
+

@@ -234,7 +234,7 @@ def test_corpus_index_is_pooled_saved_and_starts_the_next_run_warm(ray_local, ti
     """drafter corpus, two actors: the saved index holds every row's output once (pooled from both
     actors); a second run over the same prompts starts from it and drafts from it (a random tiny
     model repeats its greedy outputs exactly); a damaged file is a cold start, then replaced."""
-    from conflayers.corpus import unpack
+    from conflayers.drafts.corpus import unpack
 
     corpus = tmp_path / "corpus.jsonl"
     ids = write_corpus(corpus, n=8)

@@ -84,7 +84,7 @@ def test_speculative_sampling_end_to_end_matches_the_full_model(params):
 
 def test_ngram_drafts_keep_the_full_models_distribution():
     """A deterministic draft (prompt lookup, one-hot q) under the rejection rule samples the target."""
-    from conflayers.ngram import NgramDrafter
+    from conflayers.drafts.ngram import NgramDrafter
 
     assert_samples_the_full_model([1, 2, 3, 4, 1, 2], SamplingParams(temperature=1.0), seed=11,
                                   drafter=lambda model: NgramDrafter(max_ngram=2, max_tokens=2))

@@ -5,7 +5,7 @@ import threading
 import pytest
 
 from conflayers import Engine, GenerationConfig, NoDrafter, SamplingParams
-from conflayers.ngram import NgramDrafter
+from conflayers.drafts.ngram import NgramDrafter
 from conflayers.scheduler import Scheduler
 from tests.conftest import tiny_model
 

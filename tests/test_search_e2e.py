@@ -10,8 +10,8 @@ import pytest
 
 from conflayers import Engine, GenerationConfig, LayerSkipDrafter
 from conflayers.models import encode_prompts
-from conflayers.registry import SkipSetEntry, load_entry, model_identity, save_entry
-from conflayers.search import make_policy
+from conflayers.search.policy import make_policy
+from conflayers.search.registry import SkipSetEntry, load_entry, model_identity, save_entry
 
 pytestmark = pytest.mark.slow
 
@@ -85,7 +85,7 @@ def test_cli_searcher_stream_json_and_registry(tmp_path):
 
 
 def test_plot_cli_writes_a_png(tmp_path):
-    from conflayers import plot
+    from conflayers.search import plot
 
     out = tmp_path / "conf.png"
     f = tmp_path / "p.jsonl"

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conflayers import Engine, GenerationConfig, LayerSkipDrafter
-from conflayers.drafters import StepOutcome
-from conflayers.search import ConfLayersSearch, SearchConfig, make_policy
+from conflayers.drafts.seam import StepOutcome
+from conflayers.search.conflayers import ConfLayersSearch, SearchConfig
+from conflayers.search.policy import make_policy
 
 from .conftest import tiny_model
 
@@ -82,7 +83,7 @@ def test_records_only_after_the_window_and_short_outputs_use_a_short_window():
 
 
 def test_confidence_pass_sees_prompt_and_recent_window_of_the_longest_row():
-    from conflayers.search import recent_context
+    from conflayers.search.confidence import recent_context
 
     assert recent_context([1, 2, 3, 10, 11, 12, 13], 4, 2) == [1, 2, 3, 12, 13]
     assert recent_context([1, 2], None, 1) == [1, 2]
@@ -267,7 +268,7 @@ def test_bad_knobs_are_rejected():
 
 def test_swift_match_rate_scores_the_draft_against_committed_greedy_tokens():
     from conflayers.layers import skip_layers
-    from conflayers.search import match_rate
+    from conflayers.search.swift import match_rate
 
     model = tiny_model(layers=6, std=0.2)
     prompt = [5, 9, 2, 7]

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from conflayers.registry import RegistryError, SkipSetEntry, entry_key, load_entry, model_identity, save_entry
-from conflayers.search import make_policy
+from conflayers.search.policy import make_policy
+from conflayers.search.registry import RegistryError, SkipSetEntry, entry_key, load_entry, model_identity, save_entry
 
 from .conftest import tiny_model
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from conflayers.confidence import (
+from conflayers.layers import capture_sublayers
+from conflayers.search.confidence import (
     curvature_weights,
     layer_confidences,
     leading_run,
@@ -13,7 +14,6 @@ from conflayers.confidence import (
     update_lambda,
     window_sizes,
 )
-from conflayers.layers import capture_sublayers
 
 from .conftest import tiny_model
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conflayers import Engine, FixedSkip, GenerationConfig, LayerSkipDrafter, Request, SamplingParams
-from conflayers.corpus import CorpusDrafter
+from conflayers.drafts.corpus import CorpusDrafter
+from conflayers.drafts.ngram import NgramDrafter
 from conflayers.engine import STEPS
 from conflayers.kv import KVState
-from conflayers.ngram import NgramDrafter
 from conflayers.steps import MIN_COLUMNS, StaticSteps, bucket, column_bucket, width_buckets
 
 from .conftest import RAGGED, tiny_model
@@ -187,8 +187,8 @@ def test_a_static_engine_keeps_its_cache_between_streams_but_never_shares_one():
 
 
 def test_timings_of_a_static_engine_run_its_static_steps(monkeypatch):
-    from conflayers.calibrate import calibrate
-    from conflayers.width import engine_key, measure_step_seconds
+    from conflayers.costs.calibrate import calibrate
+    from conflayers.costs.width import engine_key, measure_step_seconds
 
     model = tiny_model("llama", layers=4)
     dyn, stat = Engine(model), Engine(model, steps="static")
@@ -233,7 +233,7 @@ def test_the_scratch_slot_counts_in_the_kv_budget_and_a_kept_cache_fits_the_next
 
 
 def test_a_surface_measured_on_static_steps_prices_a_step_at_its_bucket():
-    from conflayers.costs import CostSurface
+    from conflayers.costs.surface import CostSurface
 
     table = {1: {1: 0.01}, 2: {1: 0.012}, 4: {1: 0.016}, 8: {1: 0.024}}
     plain, bucketed = CostSurface(table, 4), CostSurface(table, 4, bucketed=True)

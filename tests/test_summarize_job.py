@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from conflayers.corpus import unpack
+from conflayers.drafts.corpus import unpack
 from tests.pipeline_helpers import MotoS3, env_with_venv, job_overrides, save_tiny_model
 
 pytestmark = pytest.mark.slow

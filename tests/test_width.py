@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conflayers import Engine
-from conflayers.width import choose_width
+from conflayers.costs.width import choose_width
 
 from .conftest import tiny_model
 

@@ -3,7 +3,7 @@
 Entry point: ``python -m jobs.cost`` (``jobs/cost.py``), which calls ``run.run_cost``. Files:
 
 - ``run``: the config, the sample, the measured cells (the core pipeline, ``pipeline.run``) and
-  the predicted ones (``conflayers.forecast`` on cost surfaces);
+  the predicted ones (``conflayers.costs.forecast`` on cost surfaces);
 - ``report``: pricing every cell, the table, ``cells.parquet``, the Pareto plot, the recommendation;
 - ``prices``: the price table (``configs/prices.yaml``).
 """

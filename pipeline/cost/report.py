@@ -26,8 +26,8 @@ from collections.abc import Sequence
 
 import pyarrow as pa
 
-from conflayers.costs import CostSurface
-from conflayers.forecast import job_seconds, stream_seconds
+from conflayers.costs.forecast import job_seconds, stream_seconds
+from conflayers.costs.surface import CostSurface
 
 from .prices import PriceTable
 

@@ -10,7 +10,7 @@ seconds the engines were busy, and the rows' lengths.
   under ``<output>/cells/<cell>/`` (a finished cell with the same config is reused on a rerun);
   or they are read from finished runs (``runs:``: ``metrics.parquet`` + ``run_config.yaml``);
 - **predicted** cells are settings not run: plain decoding of the sample's length distribution
-  replayed on a cost surface (``conflayers.forecast``; the grid's devices are calibrated after
+  replayed on a cost surface (``conflayers.costs.forecast``; the grid's devices are calibrated after
   the grid, kept in ``<output>/surfaces.json`` with the cells), times the measured/predicted ratio of the
   nearest measured cell on that device with that drafter (what Ray, tokenisation and the drafter
   add or save), or the bare surface where no cell of that device was measured (said so).
@@ -67,7 +67,7 @@ class GridConfig:
 class PredictConfig:
     max_batch: list = field(default_factory=list)  # widths to predict (besides the grid's)
     concurrency: list = field(default_factory=list)  # actor counts to predict (besides the grid's)
-    surfaces: list = field(default_factory=list)  # cost-surface files (python -m conflayers.calibrate --cache F) of other devices
+    surfaces: list = field(default_factory=list)  # cost-surface files (python -m conflayers.costs.calibrate --cache F) of other devices
 
 
 @dataclass
@@ -344,7 +344,7 @@ def calibrate_surfaces(cfg: CostConfig, cells: list[dict], widths: list[int], co
         import torch
 
         from conflayers import Engine
-        from conflayers.calibrate import calibrate
+        from conflayers.costs.calibrate import calibrate
         from conflayers.models import load_model
 
         if threads:
@@ -371,7 +371,7 @@ def grid_surfaces(cfg: CostConfig, grid: list[dict], widths: list[int], context:
     """The grid cells' cost surfaces: measured now (``calibrate_surfaces``) and kept in
     ``<output>/surfaces.json`` with the cells, so a rerun that reuses the cells reuses them too
     (and reports the same predictions), unless ``rerun`` or the widths or context changed."""
-    from conflayers.costs import CostSurface
+    from conflayers.costs.surface import CostSurface
 
     path = storage_io.join(cfg.output.path, "surfaces.json")
     want = {c["surface"] for c in grid}
@@ -398,10 +398,10 @@ def sample_context(lengths: list[tuple[int, int]]) -> int:
 
 # ---- the whole comparison --------------------------------------------------------------------------
 def load_surface_files(cfg: CostConfig) -> dict:
-    """``predict.surfaces``: cost-surface files ({key: surface} as ``conflayers.calibrate --cache`` and
+    """``predict.surfaces``: cost-surface files ({key: surface} as ``conflayers.costs.calibrate --cache`` and
     ``benchmarks/device_cost_check.py`` write; the latter adds ``stream_ratio``, the engine's measured
     seconds over the forecast per width, kept as the surface's ``stream_ratio`` attribute)."""
-    from conflayers.costs import CostSurface
+    from conflayers.costs.surface import CostSurface
 
     out = {}
     for i, path in enumerate(cfg.predict.surfaces):

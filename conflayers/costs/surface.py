@@ -5,7 +5,7 @@ plain step (``q = 1``) at the width the engine runs, and on what a draft pass co
 on the device: on the 2-core CPU a q=4 verify costs 1.3x a step at width 1 and 1.8x at width 8;
 on a GPU at small width it is nearly free. So they are measured, not assumed:
 
-- ``conflayers.calibrate.calibrate(engine, widths, qs)`` times forwards on a synthetic cache of ``context`` tokens at
+- ``conflayers.costs.calibrate.calibrate(engine, widths, qs)`` times forwards on a synthetic cache of ``context`` tokens at
   each (w, q) on the grid (from width 16 on only q = 1, 2, 5; the rest is interpolated), and a forward with half the layers skipped at each w (that gives the
   fixed share of a step, embedding + LM head + overhead, that a layer-skip draft pass still pays);
   a few seconds on the CPU for widths up to 64;
@@ -17,11 +17,11 @@ on a GPU at small width it is nearly free. So they are measured, not assumed:
   width (for cells not observed yet), and a multi-token factor (per width, and pooled over widths)
   for verify cells not observed yet, so the surface follows the real context length, load and
   verify shapes, which the calibration cannot know;
-- ``conflayers.calibrate.load_or_calibrate`` caches the table in JSON keyed by model, device, dtype, kernel plan and
+- ``conflayers.costs.calibrate.load_or_calibrate`` caches the table in JSON keyed by model, device, dtype, kernel plan and
   threads (``$CONFLAYERS_CACHE/costs.json``, default ``~/.cache/conflayers``; or a path given,
   e.g. next to a skip-set registry).
 
-``python -m conflayers.calibrate`` prints the table and draws it as a heatmap.
+``python -m conflayers.costs.calibrate`` prints the table and draws it as a heatmap.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from pathlib import Path
 
 import torch
 
-
 log = logging.getLogger(__name__)
 
 

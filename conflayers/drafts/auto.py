@@ -44,9 +44,9 @@ from collections import Counter
 
 import torch
 
-from .costs import CostSurface, expected_tokens
-from .drafters import DraftContext, Drafter, Proposal, StepOutcome
+from ..costs.surface import CostSurface, expected_tokens
 from .ngram import NgramDrafter, proposal_from
+from .seam import DraftContext, Drafter, Proposal, StepOutcome
 
 DRAFTERS = ("auto", "ngram", "corpus", "layerskip", "none")
 MATCH_BUCKETS = (2, 5, 11)  # corpus match lengths <= 2, 3-5, 6-11, >= 12 tokens: one acceptance rate each
@@ -107,7 +107,7 @@ class AutoDrafter:
         self.assumed_skip_ratio = assumed_skip_ratio
         self.max_draft_len = max_draft_len
         self.search_gain = search_gain
-        self.corpus = corpus  # a conflayers.corpus.CorpusDrafter: per row the longer of n-gram and corpus drafts
+        self.corpus = corpus  # a conflayers.drafts.corpus.CorpusDrafter: per row the longer of n-gram and corpus drafts
         if corpus is not None:
             self.ngram = corpus.ngram
         self._cp_groups: dict[tuple[str, int], _Rate] = {}
@@ -317,8 +317,8 @@ def build_drafter(kind: str, model, layer_skip: dict[str, Drafter] | Drafter | N
     ``ngram_max``/``ngram_min``/``max_draft_len``) that ``corpus`` runs and ``auto`` may choose
     from; ``corpus`` without one gets a fresh drafter with empty indexes."""
     from .corpus import CorpusDrafter
-    from .drafters import NoDrafter
     from .router import GroupRouter
+    from .seam import NoDrafter
 
     if kind not in DRAFTERS:
         raise ValueError(f"drafter must be one of {DRAFTERS}, got {kind!r}")
@@ -338,5 +338,5 @@ def build_drafter(kind: str, model, layer_skip: dict[str, Drafter] | Drafter | N
             raise ValueError("drafter layerskip needs a skip-set policy (a searcher or a fixed set)")
         return GroupRouter(layer_skip) if isinstance(layer_skip, dict) else layer_skip
     if surface is None:
-        raise ValueError("drafter auto needs a cost surface (conflayers.calibrate.load_or_calibrate)")
+        raise ValueError("drafter auto needs a cost surface (conflayers.costs.calibrate.load_or_calibrate)")
     return AutoDrafter(surface, ngram, layer_skip, max_draft_len=max_draft_len, corpus=corpus)

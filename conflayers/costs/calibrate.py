@@ -1,4 +1,4 @@
-"""``python -m conflayers.calibrate``: measure the cost surface on this device, print it, draw it.
+"""``python -m conflayers.costs.calibrate``: measure the cost surface on this device, print it, draw it.
 
 Times a forward of ``q`` new tokens at each batch width ``w`` (and a half-layer draft pass) on a
 synthetic cache, prints the table (ms, cost relative to a plain step, tokens/s), writes a heatmap
@@ -6,7 +6,7 @@ PNG of the verify cost ``S(w, q) / S(w, 1)`` with the acceptance a chain draft o
 needs to break even, and caches the surface where ``drafter: auto`` finds it
 (``load_or_calibrate``).
 
-    python -m conflayers.calibrate --out docs/benchmarks/costs/heatmap.png
+    python -m conflayers.costs.calibrate --out docs/benchmarks/costs/heatmap.png
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from .costs import DEFAULT_QS, DEFAULT_WIDTHS, WIDE, CostSurface, expected_tokens, surface_key, timed_qs
+from ..kernels import KERNELS
+from ..kv import KVState
+from ..layers import skip_layers
+from ..models import BUNDLED, load_model
 from .forecast import stream_seconds
-from .kernels import KERNELS
-from .kv import KVState
-from .layers import skip_layers
-from .models import BUNDLED, load_model
+from .surface import DEFAULT_QS, DEFAULT_WIDTHS, WIDE, CostSurface, expected_tokens, surface_key, timed_qs
 from .width import _read_cache, _write_cache, default_cache_file
 
 
@@ -108,7 +108,7 @@ def _time_stream_overhead(engine, surface: CostSurface, rows: int, cuda: bool, n
     """Seconds per decode step that ``Engine.stream`` spends beyond its forwards (drafting, acceptance,
     per-row bookkeeping) at ``rows`` rows: a short plain stream against the surface's forecast of
     its forwards (min of 2 after a warm-up)."""
-    from .engine import GenerationConfig, Request
+    from ..engine import GenerationConfig, Request
 
     reqs = [Request([1] * prompt, new) for _ in range(rows)]
     gc = GenerationConfig(max_new_tokens=new, stop_token_ids=())
@@ -202,7 +202,7 @@ def parse_ints(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m conflayers.calibrate", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m conflayers.costs.calibrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=BUNDLED)
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16", "float64"])
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import torch
 
-        from .engine import Engine
+        from ..engine import Engine
 
         model, _ = load_model(args.model, args.dtype, args.device)
         engine = Engine(model, args.kernels)

@@ -21,7 +21,7 @@ import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .costs import CostSurface
+from .surface import CostSurface
 
 
 @dataclass

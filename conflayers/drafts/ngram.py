@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .drafters import DraftContext, Proposal, StepOutcome
+from .seam import DraftContext, Proposal, StepOutcome
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""``python -m conflayers.plot``: a PNG of one ConfLayers proposal for a model and prompts.
+"""``python -m conflayers.search.plot``: a PNG of one ConfLayers proposal for a model and prompts.
 
 Each prompt is decoded plainly (greedy, ``--max-new-tokens``), the confidence pass (§3) runs
 over prompt + output with the last ``--window`` tokens scored, and the per-layer confidences are
@@ -19,7 +19,7 @@ from .confidence import SkipRule, layer_confidences, skip_rule
 
 def confidence_curve(model, prompt_ids: list[list[int]], max_new_tokens: int, window: int) -> np.ndarray:
     """Mean layer confidences (layers 1 … L-2) over the prompts' plain greedy continuations."""
-    from .engine import Engine, GenerationConfig
+    from ..engine import Engine, GenerationConfig
 
     engine = Engine(model)
     results = engine.generate(prompt_ids, GenerationConfig(max_new_tokens=max_new_tokens))
@@ -60,10 +60,10 @@ def render(c: np.ndarray, rule: SkipRule, out: str, title: str = "") -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .cli import DEMO_PROMPTS, read_prompts_file
-    from .models import BUNDLED, encode_prompts, load_model
+    from ..cli import DEMO_PROMPTS, read_prompts_file
+    from ..models import BUNDLED, encode_prompts, load_model
 
-    p = argparse.ArgumentParser(prog="python -m conflayers.plot", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m conflayers.search.plot", description=__doc__)
     p.add_argument("--prompts-file", help='JSONL, one {"prompt": ...} a line (default: the demo prompts)')
     p.add_argument("--model", default=BUNDLED)
     p.add_argument("--dtype", default="float32")

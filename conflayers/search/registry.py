@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from .layers import num_layers
+from ..layers import num_layers
 
 VERSION = 1
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .layers import capture_sublayers, num_layers
+from ..layers import capture_sublayers, num_layers
 
 
 def sublayer_confidence(h: torch.Tensor) -> float:
@@ -130,3 +130,17 @@ def update_lambda(lam: float, ratio: float, rho: float, step: float = 0.05, band
     if ratio < rho:
         return lam - step
     return lam
+
+
+def recent_context(history: list[int], generated: int | None, window: int) -> list[int]:
+    """The prompt plus the row's last ``window`` generated tokens (the confidence pass's input)."""
+    if generated is None:
+        return list(history)
+    prompt = len(history) - generated
+    return list(history[:prompt]) + list(history[prompt:][-window:])
+
+
+def longest_row(outcome) -> int:
+    """The row with the most generated tokens in a ``StepOutcome`` (the one the searchers read)."""
+    gen = outcome.generated or [len(h) for h in outcome.histories]
+    return int(np.argmax(gen))

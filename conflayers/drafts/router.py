@@ -15,7 +15,7 @@ import dataclasses
 
 import torch
 
-from .drafters import DraftContext, Drafter, Proposal, StepOutcome
+from .seam import DraftContext, Drafter, Proposal, StepOutcome
 
 
 class GroupRouter:

@@ -38,15 +38,15 @@ from __future__ import annotations
 
 import struct
 import sys
-from bisect import bisect_left
 import zlib
 from array import array
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .drafters import DraftContext, Proposal, StepOutcome
 from .ngram import NgramDrafter, proposal_from
+from .seam import DraftContext, Proposal, StepOutcome
 
 SEP = -1  # between outputs; never a token id
 _NONE, _MULTI = -2, -3  # head[v]: no transition / transitions in big[v]
