@@ -15,19 +15,21 @@ are shared and kept like this:
   ``search.registry`` (the summarization job: its state directory); with neither, nothing is saved.
   A damaged or foreign file is ignored with a warning: the dataset starts cold, and the end of the
   run writes a good file in its place.
+
+The file's name, format and key checks are ``conflayers.drafts.corpus``'s (``index_name``,
+``index_key``, ``load_saved``, ``merge_saved``), shared with ``python -m conflayers --corpus-index``:
+the same directory serves both. This module brings the storage (local or S3) and the config.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 import os
-import re
+
+from conflayers.drafts.corpus import SuffixIndex, index_key, index_name, load_saved, merge_saved
 
 from . import io as storage_io
 
-log = logging.getLogger(__name__)
-SUFFIX = ".clsx"
+__all__ = ["corpus_dir", "index_file", "index_key", "load_index", "save_pooled", "uses_corpus"]
 
 
 def corpus_dir(cfg) -> str | None:
@@ -40,48 +42,28 @@ def corpus_dir(cfg) -> str | None:
 
 
 def index_file(directory: str, dataset: str, key: str) -> str:
-    """``<dataset, made filename-safe>-<hash of dataset and key>.clsx``."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)[:64] or "_"
-    digest = hashlib.sha1(f"{key}\n{dataset}".encode()).hexdigest()[:12]
-    return storage_io.join(directory, f"{safe}-{digest}{SUFFIX}")
-
-
-def index_key(model_id: str, tokenizer) -> str:
-    """The model and tokenizer an index is for: the model's identity and a hash of the vocabulary."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
-    digest = hashlib.sha1("\n".join(f"{i}\t{t}" for t, i in vocab).encode()).hexdigest()[:12]
-    return f"{model_id}|vocab{len(vocab)}-{digest}"
+    """``<directory>/<dataset, made filename-safe>-<hash of dataset and key>.clsx``
+    (``conflayers.drafts.corpus.index_name``: the command line's ``--corpus-index`` names it alike)."""
+    return storage_io.join(directory, index_name(dataset, key))
 
 
 def uses_corpus(cfg) -> bool:
     return cfg.search.drafter == "corpus" or (cfg.search.drafter == "auto" and cfg.corpus_index.enabled)
 
 
-def load_index(cfg, dataset: str, key: str):
+def load_index(cfg, dataset: str, key: str) -> SuffixIndex:
     """The dataset's saved index for this model/tokenizer ``key``, or an empty one (no file, or a
     file that cannot be used: a warning says why)."""
-    from conflayers.drafts.corpus import SuffixIndex
-
     cap = cfg.corpus_index.max_tokens_indexed
     directory = corpus_dir(cfg)
-    if directory:
-        path = index_file(directory, dataset, key)
-        try:
-            if storage_io.exists(cfg.storage, path):
-                ix = SuffixIndex.from_bytes(storage_io.read_bytes(cfg.storage, path), key=key, max_tokens_indexed=cap)
-                log.info("corpus index for %r: %d outputs (%d tokens) from %s", dataset, len(ix.outputs),
-                         ix.tokens_indexed, path)
-                return ix
-        except (ValueError, OSError) as e:
-            log.warning("corpus index %s ignored (%s): dataset %r starts with an empty index", path, e, dataset)
-    return SuffixIndex(max_tokens_indexed=cap, key=key)
+    if not directory:
+        return SuffixIndex(max_tokens_indexed=cap, key=key)
+    return load_saved(lambda path: _read(cfg, path), index_file(directory, dataset, key), dataset, key, cap)
 
 
 def save_pooled(cfg, pooled: dict[str, tuple[str, list]]) -> int:
     """Merge each dataset's pooled outputs of this run ({dataset: (key, outputs oldest first)}) into
     its saved index; returns the files written."""
-    from conflayers.drafts.corpus import pack, unpack
-
     directory = corpus_dir(cfg)
     if not directory:
         return 0
@@ -90,25 +72,11 @@ def save_pooled(cfg, pooled: dict[str, tuple[str, list]]) -> int:
         if not outputs:
             continue
         path = index_file(directory, dataset, key)
-        old: list = []
-        try:
-            if storage_io.exists(cfg.storage, path):
-                old = unpack(storage_io.read_bytes(cfg.storage, path), key=key)[2]
-        except (ValueError, OSError) as e:
-            log.warning("corpus index %s could not be read (%s): it is replaced by this run's outputs", path, e)
-        merged = keep_newest(old + list(outputs), cap)
-        storage_io.write_bytes_atomic(cfg.storage, path, pack(merged, key, max_tokens_indexed=cap))
+        data = merge_saved(lambda p: _read(cfg, p), path, key, outputs, cap)
+        storage_io.write_bytes_atomic(cfg.storage, path, data)
         n += 1
     return n
 
 
-def keep_newest(outputs: list, cap: int) -> list:
-    """The newest outputs whose tokens (plus one separator each) fit in ``cap``."""
-    total, start = 0, len(outputs)
-    for i in range(len(outputs) - 1, -1, -1):
-        need = min(len(outputs[i]), cap - 1) + 1
-        if total + need > cap:
-            break
-        total += need
-        start = i
-    return outputs[start:]
+def _read(cfg, path: str) -> bytes | None:
+    return storage_io.read_bytes(cfg.storage, path) if storage_io.exists(cfg.storage, path) else None

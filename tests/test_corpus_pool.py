@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
-from conflayers.drafts.corpus import pack, unpack
+from conflayers.drafts.corpus import keep_newest, pack, unpack
 from pipeline.config import PipelineConfig
 from pipeline.coordinator import Coordinator
-from pipeline.corpus import corpus_dir, index_file, keep_newest, load_index, save_pooled
+from pipeline.corpus import corpus_dir, index_file, load_index, save_pooled
 
 
 def test_the_pool_hands_each_actor_the_others_outputs_in_bounded_messages():
@@ -78,13 +78,13 @@ def test_a_damaged_index_file_starts_the_dataset_cold_and_is_replaced(tmp_path, 
     data = bytearray(open(path, "rb").read())
     data[-6] ^= 0xFF
     open(path, "wb").write(bytes(data))
-    with caplog.at_level(logging.WARNING, logger="pipeline.corpus"):
+    with caplog.at_level(logging.WARNING, logger="conflayers.drafts.corpus"):
         ix = load_index(cfg, "d", "m")
     assert ix.tokens_indexed == 0 and "checksum" in caplog.text and "starts with an empty index" in caplog.text
     save_pooled(cfg, {"d": ("m", [[4, 5]])})  # the end of that run writes a good file in its place
     assert [list(o) for o in unpack(open(path, "rb").read(), key="m")[2]] == [[4, 5]]
     open(path, "wb").write(pack([[1]], key="someone-else"))  # a file under this name for another key
-    with caplog.at_level(logging.WARNING, logger="pipeline.corpus"):
+    with caplog.at_level(logging.WARNING, logger="conflayers.drafts.corpus"):
         assert load_index(cfg, "d", "m").tokens_indexed == 0
     assert "refusing it" in caplog.text
 

@@ -32,10 +32,19 @@ updates stay amortised O(new tokens). An output longer than the cap keeps its fi
 
 ``to_bytes``/``from_bytes`` store a version, a model/tokenizer ``key`` and the retained outputs
 (with a CRC); loading rebuilds the automaton. Another key or a damaged payload is a ``ValueError``.
+
+Saved indexes (the job's ``pipeline.corpus``, local or S3, and the command line's ``--corpus-index``
+directory keep them alike): one file per dataset and model/tokenizer, ``index_name(dataset,
+index_key(model_identity, tokenizer))``; ``load_saved`` reads one (a damaged or foreign file is a
+warning and an empty index), ``merge_saved`` adds a run's outputs to it (the oldest dropped past the
+cap). The caller brings the storage: a ``read(path) -> bytes | None`` and its own atomic write.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import re
 import struct
 import sys
 import zlib
@@ -48,11 +57,14 @@ from dataclasses import dataclass
 from .ngram import NgramDrafter, proposal_from
 from .seam import DraftContext, Proposal, StepOutcome
 
+log = logging.getLogger(__name__)
+
 SEP = -1  # between outputs; never a token id
 _NONE, _MULTI = -2, -3  # head[v]: no transition / transitions in big[v]
 BIG = 32  # edges kept in a state's list before they move to a dict
 MAGIC = b"CLSX"
 VERSION = 1
+SUFFIX = ".clsx"  # a saved index's file
 
 
 class SuffixIndex:
@@ -385,6 +397,64 @@ def unpack(data: bytes, key: str | None = None) -> tuple[str, dict, list[array]]
         raise ValueError(f"corpus index is damaged ({e})") from e
     return found, {"max_tokens_indexed": cap, "depth": depth, "min_prob": min_prob, "slack": slack,
                    "min_match": min_match}, outs
+
+
+# -- saved indexes: the same file for the same dataset and model, wherever it is kept -------------
+def index_key(model_id: str, tokenizer) -> str:
+    """The model and tokenizer an index is for: the model's identity
+    (``conflayers.search.registry.model_identity``) and a hash of the vocabulary."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
+    digest = hashlib.sha1("\n".join(f"{i}\t{t}" for t, i in vocab).encode()).hexdigest()[:12]
+    return f"{model_id}|vocab{len(vocab)}-{digest}"
+
+
+def index_name(dataset: str, key: str) -> str:
+    """A dataset's saved index: ``<dataset, made filename-safe>-<hash of dataset and key>.clsx``
+    (another model or tokenizer: another file)."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset)[:64] or "_"
+    digest = hashlib.sha1(f"{key}\n{dataset}".encode()).hexdigest()[:12]
+    return f"{safe}-{digest}{SUFFIX}"
+
+
+def keep_newest(outputs: list, cap: int) -> list:
+    """The newest outputs whose tokens (plus one separator each) fit in ``cap``."""
+    total, start = 0, len(outputs)
+    for i in range(len(outputs) - 1, -1, -1):
+        need = min(len(outputs[i]), cap - 1) + 1
+        if total + need > cap:
+            break
+        total += need
+        start = i
+    return outputs[start:]
+
+
+def load_saved(read, path: str, dataset: str, key: str, cap: int) -> SuffixIndex:
+    """The index saved at ``path`` (``read(path)``: its bytes, None when there is none) for ``key``,
+    holding at most ``cap`` tokens; an empty one when there is none or it cannot be used (damaged,
+    another model's, unreadable: a warning says why, and the dataset starts cold)."""
+    try:
+        data = read(path)
+        if data is not None:
+            ix = SuffixIndex.from_bytes(data, key=key, max_tokens_indexed=cap)
+            log.info("corpus index for %r: %d outputs (%d tokens) from %s", dataset, len(ix.outputs),
+                     ix.tokens_indexed, path)
+            return ix
+    except (ValueError, OSError) as e:
+        log.warning("corpus index %s ignored (%s): dataset %r starts with an empty index", path, e, dataset)
+    return SuffixIndex(max_tokens_indexed=cap, key=key)
+
+
+def merge_saved(read, path: str, key: str, outputs: list, cap: int) -> bytes:
+    """The file at ``path`` with ``outputs`` (oldest first) added after its own, the oldest dropped
+    past ``cap``, as bytes to write in its place. A file that cannot be used is replaced (a warning)."""
+    old: list = []
+    try:
+        data = read(path)
+        if data is not None:
+            old = unpack(data, key=key)[2]
+    except (ValueError, OSError) as e:
+        log.warning("corpus index %s could not be read (%s): it is replaced by this run's outputs", path, e)
+    return pack(keep_newest(old + list(outputs), cap), key, max_tokens_indexed=cap)
 
 
 _LITTLE = array("i", [1]).tobytes()[0] == 1
