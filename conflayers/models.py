@@ -35,7 +35,9 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("CONFLAYERS_CACHE")
+    """Where converted models are kept: ``$CONFLAYERS_MODELS``, else ``$CONFLAYERS_CACHE``, else
+    ``~/.cache/conflayers/models`` (the tests point ``$CONFLAYERS_CACHE`` elsewhere and keep this one)."""
+    env = os.environ.get("CONFLAYERS_MODELS") or os.environ.get("CONFLAYERS_CACHE")
     if env:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

@@ -34,6 +34,23 @@ def tiny_model(family: str = "llama", layers: int = 6, vocab: int = 97, dtype=to
     return model.to(dtype).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_caches(tmp_path_factory):
+    """Every cache a test writes goes to a temporary directory, never the user's ``~/.cache/conflayers``:
+    ``$CONFLAYERS_CACHE`` (width and cost-surface timings) and ``$TORCHINDUCTOR_CACHE_DIR`` (compiled
+    steps). Converted models stay where the user keeps them (``$CONFLAYERS_MODELS``): converting
+    SmolLM2 takes ~40 s, once. Set in ``os.environ`` before any test runs, so the subprocesses and Ray
+    workers tests start inherit it (``tests/test_caches.py`` checks a run leaves the user's alone)."""
+    from conflayers.models import default_cache_dir
+
+    root = tmp_path_factory.mktemp("caches")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("CONFLAYERS_MODELS", str(default_cache_dir()))
+        mp.setenv("CONFLAYERS_CACHE", str(root))
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(root / "inductor"))
+        yield root
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run far faster on one thread when the CPU is shared (opt in per module)."""
