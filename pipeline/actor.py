@@ -14,13 +14,18 @@ cluster-wide best set when it has one). Per batch (hundreds of rows):
    measured once per kind of accelerator and shared through the coordinator. ``layerskip`` gives
    the datasets the draft in turn (``conflayers.drafts.router.GroupRouter``), each under its own
    dataset's policy. Corpus drafts come from one index per dataset (``conflayers.drafts.corpus``): loaded
-   from the last run's file, refreshed before each batch from the outputs other actors pooled in
-   the coordinator, and the batch's own outputs sent there after it (``pipeline.corpus``);
+   from the last run's file, refreshed before each batch from the outputs other actors pooled
+   (files in storage whose addresses the coordinator passes on), and the batch's own outputs
+   written there after it (``pipeline.corpus_pool``);
 3. the rows picked for the baseline (a fraction, and at least a few per dataset) stream on their
    own, once under the policies and once with plain decoding: same actor, same rows, same width;
 4. report the batch's observations to the coordinator, write the batch's rows to one Parquet file
-   whose name depends only on the batch's ids (a retried batch rewrites the same file), and
-   return them.
+   whose name depends only on the batch's ids, and return them. A retried batch whose file is
+   already committed (its first attempt committed, then its result was lost with a node) is read
+   back and returned, not generated again.
+
+The coordinator is advice (``pipeline.advice``): its reads are bounded and taken when they arrive,
+its writes never waited on; when it is gone or slow the actor decodes on its own state.
 """
 
 from __future__ import annotations
@@ -91,10 +96,11 @@ def batch_file_name(ids: list[str]) -> str:
 
 class BatchProgress:
     """A batch's rows as they finish, sent to the coordinator at most once a second (and by ``send``):
-    the driver's progress display counts them before the batch is committed."""
+    the driver's progress display counts them before the batch is committed. ``advice`` is a
+    ``pipeline.advice.Advice`` (a send never waits) or None."""
 
-    def __init__(self, coordinator, batch: str, errors: int, every_s: float = 1.0):
-        self.coordinator, self.batch, self.every_s = coordinator, batch, every_s
+    def __init__(self, advice, batch: str, errors: int, every_s: float = 1.0):
+        self.advice, self.batch, self.every_s = advice, batch, every_s
         self.rows = self.errors = errors  # rows that failed before generation are done already
         self.tokens = 0
         self.sent = time.monotonic()
@@ -108,15 +114,13 @@ class BatchProgress:
 
     def send(self) -> None:
         self.sent = time.monotonic()
-        if self.coordinator is not None:
-            self.coordinator.batch_progress.remote(self.batch, self.rows, self.tokens, self.errors)
+        if self.advice is not None:
+            self.advice.send("batch_progress", self.batch, self.rows, self.tokens, self.errors)
 
 
-def report_committed(coordinator, batch: str, out: list[dict]) -> None:
-    """A committed batch's final counts (every path that commits a batch goes through here)."""
-    if coordinator is not None:
-        coordinator.batch_progress.remote(batch, len(out), sum(r.get("num_generated_tokens") or 0 for r in out),
-                                          sum(bool(r.get("error_type")) for r in out), True)
+def committed_counts(out: list[dict]) -> tuple[int, int, int]:
+    """(rows, generated tokens, error rows) of a committed batch."""
+    return (len(out), sum(r.get("num_generated_tokens") or 0 for r in out), sum(bool(r.get("error_type")) for r in out))
 
 
 def in_baseline_fraction(row_id: str, fraction: float) -> bool:
@@ -182,22 +186,36 @@ class GenerationActor:
         self.corpus = None  # the corpus drafter (its index per dataset), made at the first batch
         self.corpus_key = None  # the model/tokenizer its indexes are for (pipeline.corpus.index_key)
         self.corpus_seen: dict[str, int] = {}  # per dataset: the last pooled output taken from the coordinator
+        self.pooled: dict[str, dict[str, int]] = defaultdict(dict)  # per dataset: this actor's pool files -> tokens
+        self.reports: dict[str, dict] = {}  # per dataset: this actor's cumulative report (re-sent whole each time)
+        self.committed: dict[str, tuple[int, int, int]] = {}  # batches this actor committed -> counts
         # a server (lanes) drafts from the saved indexes as they are: an identical seeded request must
         # get identical drafts (and so the same samples), whatever was served in between
         self.learns_corpus = not lanes
         self.baseline_count: Counter = Counter()
-        self.coordinator = None
+        self.advice = None  # pipeline.advice.Advice: the coordinator, every call bounded
+        self.surface_shared = None  # (key, surface dict) this actor measured or loaded: re-sent after a restart
         if coordinator:
             import ray
 
-            self.coordinator = ray.get_actor(coordinator, namespace=namespace)
+            from .advice import Advice
+
+            try:
+                handle = ray.get_actor(coordinator, namespace=namespace)
+            except ValueError as e:  # gone for good (not restarting): the actor runs on its own state
+                log.warning("coordinator %s not found (%s): this actor runs without it", coordinator, e)
+                handle = None
+            self.advice = Advice(handle, cfg.ray.coordinator_timeout_s, cfg.ray.coordinator_retry_s)
+            self.advice.on_restart = self._resend
+            hello = self.advice.ask("hello")
+            self.advice.epoch = hello["epoch"] if hello else None
         # start-up ends with the cost surface in hand (drafter auto), not in the first batch
         self.surface = self._surface() if cfg.search.drafter == "auto" else None
         self.threads = torch.get_num_threads() if self.device == "cpu" else 0
-        if self.coordinator is not None:
-            self.coordinator.actor_ready.remote(self.actor_id, {
-                "accelerator": self.accelerator, "width": self.width, "threads": self.threads,
-                "init_seconds": time.perf_counter() - t_init, "ready_at": time.time()})
+        self.ready_info = {"accelerator": self.accelerator, "width": self.width, "threads": self.threads,
+                           "init_seconds": time.perf_counter() - t_init, "ready_at": time.time()}
+        if self.advice is not None:
+            self.advice.send("actor_ready", self.actor_id, self.ready_info)
 
     # -- helpers ------------------------------------------------------------------------------
     def _crash_once(self) -> None:
@@ -244,13 +262,41 @@ class GenerationActor:
         timer.start()
         return timer
 
-    def _policy(self, dataset: str):
-        if dataset not in self.policies:
-            warm = None
-            if self.coordinator is not None:
-                import ray
+    def _resend(self) -> None:
+        """The coordinator restarted empty: send it what this actor holds (start-up info, cost surface,
+        cumulative reports, committed batches' counts, pooled files), each idempotent."""
+        a = self.advice
+        a.send("actor_ready", self.actor_id, self.ready_info)
+        if self.surface_shared is not None:
+            a.send("put_surface", *self.surface_shared)
+        for d, state in self.reports.items():
+            a.send("report", d, self.actor_id, state)
+        if self.committed:
+            a.send("batches_committed", dict(self.committed))
+        for d, files in self.pooled.items():
+            for path, n in files.items():
+                a.send("corpus_put", d, self.corpus_key, self.actor_id, path, n)
 
-                warm = ray.get(self.coordinator.best.remote(dataset))
+    def _take_advice(self, datasets: list[str]) -> dict:
+        """The per-batch read: take the one sent before the last batch if it has arrived, and send the
+        next. For a dataset this actor has no policy for yet, wait for it (bounded by
+        ``ray.coordinator_timeout_s``): its best set is where the policy starts."""
+        a = self.advice
+        if a is None:
+            return {}
+        new = [d for d in datasets if d not in self.policies]
+        got = a.arrived(wait_s=a.timeout_s if new and a.pending is not None else 0.0)
+        if got is not None and not all(d in got.get("best", {}) for d in new):
+            a.prefetch(self.actor_id, datasets, dict(self.corpus_seen), self.cfg.corpus_index.share_tokens)
+            got2 = a.arrived(wait_s=a.timeout_s)
+            got = _merge_advice(got, got2)
+        elif got is None and new:
+            a.prefetch(self.actor_id, datasets, dict(self.corpus_seen), self.cfg.corpus_index.share_tokens)
+            got = a.arrived(wait_s=a.timeout_s)
+        return got or {}
+
+    def _policy(self, dataset: str, warm: list[int] | None = None):
+        if dataset not in self.policies:
             s = self.cfg.search
             self.policies[dataset] = make_policy(s.searcher, self.model, s.skip_layers, s.knobs, warm, dataset,
                                                  s.registry)
@@ -264,11 +310,16 @@ class GenerationActor:
         from conflayers.drafts.auto import build_drafter
 
         s = self.cfg.search
+        advice = self._take_advice(datasets)
+        best = advice.get("best", {})
         layer_skip = None
         if s.drafter in ("auto", "layerskip"):
-            layer_skip = {d: LayerSkipDrafter(self.model, self._policy(d), s.stop_threshold, s.max_draft_len)
+            layer_skip = {d: LayerSkipDrafter(self.model, self._policy(d, best.get(d)), s.stop_threshold,
+                                              s.max_draft_len)
                           for d in datasets}
-        self._refresh_corpus(datasets)
+        self._refresh_corpus(datasets, advice.get("pool", {}))
+        if self.advice is not None:  # the next batch's advice, sent now, taken then if it has arrived
+            self.advice.prefetch(self.actor_id, datasets, dict(self.corpus_seen), self.cfg.corpus_index.share_tokens)
         if s.drafter != "auto":
             return build_drafter(s.drafter, self.model, layer_skip, None, s.max_draft_len, s.ngram_max,
                                  corpus=self.corpus)
@@ -279,9 +330,10 @@ class GenerationActor:
             self.auto.layer_skip.setdefault(d, drafter)
         return self.auto
 
-    def _refresh_corpus(self, datasets: list[str]) -> None:
+    def _refresh_corpus(self, datasets: list[str], pool: dict | None = None) -> None:
         """Corpus drafts on: make the drafter (each dataset's index loads its saved file when first
-        used), then index the outputs other actors pooled since this actor last asked."""
+        used), then index the outputs other actors pooled that the coordinator's last answer named
+        (``pool``: {dataset: (last sequence number, file addresses)}; read from storage here)."""
         from .corpus import index_key, load_index, uses_corpus
 
         if not uses_corpus(self.cfg):
@@ -295,29 +347,30 @@ class GenerationActor:
                                         learn_finished=self.learns_corpus, learn_prompts=self.cfg.corpus_index.learn_prompts)
         for d in datasets:
             self.corpus.index_for(d)  # the saved index first, then this run's pooled outputs
-        if self.coordinator is None:
-            return
-        import ray
+        from .corpus_pool import read_batch
 
-        for d in datasets:
-            while True:
-                last, outs = ray.get(self.coordinator.corpus_since.remote(
-                    d, self.corpus_seen.get(d, 0), self.actor_id, self.cfg.corpus_index.share_tokens))
-                self.corpus_seen[d] = last
-                for o in outs:
+        for d, (last, addresses) in (pool or {}).items():
+            if d not in datasets or last <= self.corpus_seen.get(d, 0):
+                continue  # a dataset this batch does not draft, or an answer already taken
+            self.corpus_seen[d] = last
+            for address in addresses:
+                for o in read_batch(self.cfg, address, d, self.corpus_key):
                     self.corpus.learn(o, d)
-                if not outs:
-                    break
 
-    def _share_corpus(self, outputs: dict[str, list]) -> None:
-        """This batch's finished outputs per dataset, to the coordinator (other actors, the saved index)."""
-        if self.corpus is None or self.coordinator is None:
+    def _share_corpus(self, batch: str, outputs: dict[str, list]) -> None:
+        """This batch's finished outputs per dataset: one file in storage (``pipeline.corpus_pool``),
+        its address to the coordinator for other actors; the driver saves the pool at the end."""
+        if self.corpus is None or not self.learns_corpus or not any(outputs.values()):
             return
-        from array import array
+        from .corpus_pool import write_batch
 
+        path = write_batch(self.cfg, batch, self.corpus_key, outputs)
         for d, outs in outputs.items():
-            if outs:
-                self.coordinator.corpus_put.remote(d, self.corpus_key, self.actor_id, [array("i", o) for o in outs])
+            n = sum(len(o) + 1 for o in outs)
+            if outs and path:
+                self.pooled[d][path] = n
+                if self.advice is not None:
+                    self.advice.send("corpus_put", d, self.corpus_key, self.actor_id, path, n)
 
     def _surface(self):
         """The cost surface for this accelerator: the coordinator's if another actor measured it,
@@ -328,10 +381,8 @@ class GenerationActor:
 
         widths, qs = surface_grid(self.width, self.cfg.search.max_draft_len)
         key = surface_key(self.engine)
-        if self.coordinator is not None:
-            import ray
-
-            raw = ray.get(self.coordinator.surface.remote(key))
+        if self.advice is not None:
+            raw = self.advice.ask("surface", key)
             if raw:
                 s = CostSurface.from_dict(raw)
                 if s.covers(widths, qs):
@@ -341,8 +392,9 @@ class GenerationActor:
                             if s.registry else None)
         surface, cached = load_or_calibrate(self.engine, widths, qs, cache_file=cache)
         log.warning("cost surface for %s: %s", key, "from the cache" if cached else "measured")
-        if self.coordinator is not None:
-            self.coordinator.put_surface.remote(key, surface.as_dict())
+        if self.advice is not None:
+            self.surface_shared = (key, surface.as_dict())
+            self.advice.send("put_surface", *self.surface_shared)
         return surface
 
     def _gen_config(self):
@@ -382,6 +434,9 @@ class GenerationActor:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self._crash_once()
         rows = batch.to_pylist()
+        done = self._already_committed([r["id"] for r in rows])
+        if done is not None:
+            return done
         if self.cfg.ray.batch_timeout_s is None:
             return self._run_batch(rows)
         ids = [r["id"] for r in rows]
@@ -394,6 +449,33 @@ class GenerationActor:
             return self._run_batch(rows)
         finally:
             timer.cancel()
+
+    def _already_committed(self, ids: list[str]) -> pa.Table | None:
+        """The batch's committed file, if a previous attempt wrote it (its result lost on the way back,
+        e.g. with a node): read back and returned as is, so the retry costs a read, not a generation."""
+        import pyarrow.parquet as pq
+
+        name = batch_file_name(ids)
+        path = storage_io.join(self.cfg.output.path, "generations", name)
+        try:
+            if not storage_io.exists(self.cfg.storage, path):
+                return None
+            table = pq.read_table(pa.BufferReader(storage_io.read_bytes(self.cfg.storage, path)))
+        except (OSError, ValueError, pa.ArrowException) as e:
+            log.warning("batch file %s exists but cannot be read (%s): the batch is generated again", path, e)
+            return None
+        if sorted(table.column("id").to_pylist()) != sorted(ids):
+            return None
+        log.warning("batch %s (%d rows) is already committed: returned as written, not generated again", name, len(ids))
+        table = table.cast(OUTPUT_SCHEMA) if table.schema != OUTPUT_SCHEMA else table
+        self._committed(name, table.to_pylist())
+        return table
+
+    def _committed(self, name: str, out: list[dict]) -> None:
+        """A committed batch's final counts, to the coordinator (every path that commits goes through here)."""
+        self.committed[name] = committed_counts(out)
+        if self.advice is not None:
+            self.advice.send("batch_progress", name, *self.committed[name], True)
 
     def _timed_out(self, rows: list[dict], attempts: int) -> pa.Table:
         """The rows of a batch that timed out in every attempt, as ``timeout`` error rows (committed like
@@ -436,7 +518,7 @@ class GenerationActor:
         if errors and self.cfg.fail_fast:
             e = errors[0]
             raise RuntimeError(f"fail_fast: row {e['id']!r} ({e['dataset']}): {e['error_type']}: {e['error_message']}")
-        progress = BatchProgress(self.coordinator, batch_file_name([r["id"] for r in out]), len(errors))
+        progress = BatchProgress(self.advice, batch_file_name([r["id"] for r in out]), len(errors))
 
         b = self.cfg.baseline
         base, rest = [], []
@@ -498,11 +580,25 @@ class GenerationActor:
         for rec in out:
             rec.pop("_token_ids", None)
 
-        if self.coordinator is not None:
-            for dataset, obs in per_dataset.items():
-                self.coordinator.report.remote(dataset, dict(obs))
-        self._share_corpus(finished)
+        for dataset, obs in per_dataset.items():
+            self._report(dataset, obs)
+        self._share_corpus(progress.batch, finished)
         return self._commit(out)
+
+    def _report(self, dataset: str, obs: dict) -> None:
+        """Add a batch's observations to this actor's cumulative report for ``dataset`` and send it whole."""
+        from .coordinator import add_obs
+
+        state = self.reports.setdefault(dataset, {"sets": {}, "settled": []})
+        key = tuple(sorted(obs.get("skip_set") or ()))
+        add_obs(state["sets"].setdefault(key, {}), obs)
+        state["latest"] = list(key)
+        if obs.get("settled", True) and list(key) not in state["settled"]:
+            state["settled"].append(list(key))
+        state["search_iterations"] = max(state.get("search_iterations", 0), int(obs.get("search_iterations") or 0))
+        state["model_id"], state["n_layers"] = obs.get("model_id"), obs.get("n_layers")
+        if self.advice is not None:
+            self.advice.send("report", dataset, self.actor_id, state)
 
     def _commit(self, out: list[dict]) -> pa.Table:
         """Write the batch's rows as one Parquet file named by its ids (the commit), and return them."""
@@ -510,7 +606,7 @@ class GenerationActor:
         if out:
             name = batch_file_name([r["id"] for r in out])
             storage_io.write_parquet(self.cfg.storage, storage_io.join(self.cfg.output.path, "generations", name), table)
-            report_committed(self.coordinator, name, out)
+            self._committed(name, out)
         return table
 
     def _fill(self, rec: dict, r, compute_seconds: float, policy) -> None:
@@ -526,3 +622,11 @@ class GenerationActor:
         for k in ("ngram", "corpus", "layerskip"):
             rec[f"{k}_steps"] = s["drafter_steps"].get(k, 0)
         rec["plain_steps"] = s["drafter_steps"].get("none", 0)
+
+
+def _merge_advice(a: dict | None, b: dict | None) -> dict | None:
+    """Two answers of ``Coordinator.advice``: the later one's fields over the earlier one's."""
+    if a is None or b is None:
+        return a or b
+    return {"epoch": b.get("epoch"), "best": {**a.get("best", {}), **b.get("best", {})},
+            "pool": {**a.get("pool", {}), **b.get("pool", {})}}

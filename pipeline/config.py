@@ -85,7 +85,8 @@ class BaselineConfig:
 @dataclass
 class EngineConfig:
     max_batch: Any = "auto"  # rows in flight per actor: "auto" (measured, within kv_cache_gb) or an integer
-    kv_cache_gb: Optional[float] = None  # KV budget per actor; None: half of free memory (free GPU memory on CUDA)
+    kv_cache_gb: Optional[float] = None  # KV budget per actor; None: half of free GPU memory on CUDA; CPU actors of a job:
+    # half of their share of the node's memory less the model (pipeline.memory); elsewhere half of free memory
     prefill_tokens: int = 512  # tokens per prefill forward of joining rows (a decode step runs between chunks)
     threads: Optional[int] = None  # torch threads per CPU actor; None: ray.num_cpus_per_actor, or on a local
     # cluster the job starts itself, the machine's cores shared among the actors
@@ -104,6 +105,10 @@ class RayConfig:
     batch_attempts: int = 2  # ... and after this many timed-out attempts its rows are written as `timeout` error rows
     driver_ids: int = 100000  # resume filter: up to this many committed ids the driver ships them as one set (fast);
     # above, the filter searches hash buckets in Ray's object store (driver memory bounded; pipeline.idsets)
+    memory_per_actor_gb: Optional[float] = None  # memory each actor declares to Ray; None: model bytes + KV budget
+    # (+ 1 GiB), the KV budget split among the actors Ray may place on a node (pipeline.memory)
+    coordinator_timeout_s: float = 2.0  # the longest an actor or the driver waits on the coordinator per call
+    coordinator_retry_s: float = 30.0  # after a failed or timed-out call, the coordinator is left alone this long
 
 
 @dataclass
@@ -112,6 +117,8 @@ class DebugConfig:
     hang_ids: list = field(default_factory=list)  # tests: a batch holding one of these ids hangs (every attempt)
     hang_once_marker: Optional[str] = None  # tests: the first batch hangs once if this file is absent
     driver_exit_at: Optional[str] = None  # tests: jobs.summarize's driver os._exit()s at before_commit | after_commit
+    coordinator_hang_s: float = 0.0  # tests: the coordinator's first read sleeps this long (a hung handler)
+    kill_coordinator_at: Optional[str] = None  # tests: the driver SIGKILLs the coordinator at `merge` (its final merge)
 
 
 @dataclass
@@ -213,6 +220,12 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
           f"must be > 0 seconds or null (no limit), got {r.batch_timeout_s}")
     check(r.batch_attempts >= 1, "ray.batch_attempts", f"must be >= 1, got {r.batch_attempts}")
     check(r.driver_ids >= 0, "ray.driver_ids", f"must be >= 0, got {r.driver_ids}")
+    check(r.memory_per_actor_gb is None or r.memory_per_actor_gb > 0, "ray.memory_per_actor_gb",
+          f"must be > 0 or null (computed), got {r.memory_per_actor_gb}")
+    check(r.coordinator_timeout_s > 0, "ray.coordinator_timeout_s", f"must be > 0, got {r.coordinator_timeout_s}")
+    check(r.coordinator_retry_s >= 0, "ray.coordinator_retry_s", f"must be >= 0, got {r.coordinator_retry_s}")
+    check(cfg.debug.kill_coordinator_at in (None, "merge"), "debug.kill_coordinator_at",
+          f"must be null or merge, got {cfg.debug.kill_coordinator_at!r}")
     check(cfg.progress.interval_s >= 0, "progress.interval_s", f"must be >= 0 (0: no lines), got {cfg.progress.interval_s}")
     check(r.batch_timeout_s is None or r.max_task_retries == -1 or r.batch_attempts <= r.max_task_retries,
           "ray.batch_attempts", f"must be <= ray.max_task_retries ({r.max_task_retries}): a batch's timed-out "

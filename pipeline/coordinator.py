@@ -1,38 +1,54 @@
-"""The coordinator: one named Ray actor per run that pools each dataset's skip-set observations.
+"""The coordinator: one named Ray actor per run that pools advice between generation actors.
 
-Generation actors ``report`` what they measured under a skip set (rows, tokens, seconds, steps,
-accepted/drafted, plain-decoding tokens and seconds, search iterations) and ask for ``best`` when
-they start a dataset, so an actor that joins late starts from the cluster-wide best set instead of
-searching from scratch. Actors share the cost surface they measured per accelerator type
-(``surface`` / ``put_surface``), so only the first actor on a kind of device calibrates. Actors
-report each batch's rows as they finish and when the batch is committed (``batch_progress``,
-keyed by the batch's file, so a retried batch replaces its earlier attempt's counts):
-``progress()`` is the job's rows done, tokens and error rows.
-Actors pool each dataset's finished outputs (``corpus_put`` / ``corpus_since``, ``pipeline.corpus``):
-the coordinator keeps the run's outputs per dataset up to a token cap, oldest dropped first.
-At the end of the run the driver takes ``summary()`` and ``corpus_pooled()`` and writes them out.
+Everything it holds only makes the job faster (``docs/reliability.md``, "The coordinator is advice"):
+its loss or slowness costs speed, never rows or the job. Actors talk to it through
+``pipeline.advice`` (every read bounded by a timeout, every write fire-and-forget), and it rebuilds
+itself after a restart from what the actors re-send: each message is an actor's whole state for
+that key, never an increment, so a message repeated, or re-sent to a restarted coordinator, counts once.
 
-``Coordinator`` is a plain class (tested without Ray); ``start_coordinator`` makes it a named actor.
+- **skip sets**: each actor ``report``s, per dataset, its cumulative observations per skip set (rows,
+  tokens, seconds, steps, accepted/drafted, plain-decoding tokens and seconds), the sets it stood by
+  and its search iterations; ``best`` is the set with the highest pooled tokens/s, which an actor
+  that starts a dataset late begins from;
+- **cost surfaces** per accelerator type (``surface`` / ``put_surface``), so only the first actor on a
+  kind of device calibrates;
+- **progress**: each batch's rows as they finish and once committed (``batch_progress``, keyed by
+  the batch's file, so a retried batch replaces its earlier attempt's counts); ``progress()``;
+- **the corpus pool**: each batch's finished outputs are written by its actor to storage
+  (``pipeline.corpus_pool``); the coordinator holds only their addresses and token counts per dataset
+  (``corpus_put`` / ``corpus_since``), oldest dropped past the cap, so no output crosses its mailbox
+  and ``corpus_since`` costs what is new (a bisection, then the entries after it).
+
+``advice`` is the one read an actor makes per batch (best sets, new pool entries, the epoch that
+tells it the coordinator restarted). ``Coordinator`` is a plain class (tested without Ray);
+``start_coordinator`` makes it a named, restartable actor.
 """
 
 from __future__ import annotations
 
-from array import array
-from collections import defaultdict, deque
+import bisect
+import os
+import time
+import uuid
+from collections import defaultdict
 
 _SUMMED = ("rows", "tokens", "seconds", "steps", "drafted", "accepted", "baseline_tokens", "baseline_seconds")
 
 
+def add_obs(acc: dict, obs: dict, sign: int = 1) -> None:
+    for k in _SUMMED:
+        acc[k] = acc.get(k, 0) + sign * (obs.get(k) or 0)
+
+
 class Coordinator:
-    def __init__(self, min_tokens: int = 1, corpus_cap: int = 1 << 20):
+    def __init__(self, min_tokens: int = 1, corpus_cap: int = 1 << 20, hang_s: float = 0.0):
         self.min_tokens = min_tokens
         self.corpus_cap = corpus_cap
-        # dataset -> deque of (sequence number, actor id, tokens), oldest first; the model/tokenizer key
-        self.corpus: dict[str, deque] = defaultdict(deque)
-        self.corpus_tokens: dict[str, int] = defaultdict(int)
-        self.corpus_key: dict[str, str] = {}
-        self.corpus_seq = 0
-        # dataset -> skip set (tuple) -> summed observation
+        self.epoch = uuid.uuid4().hex[:12]  # a restarted coordinator has a new one: actors then re-send
+        self.started = time.time()
+        self.hang_s = hang_s  # tests: the first read handled sleeps this long (a hung handler)
+        # dataset -> actor -> its cumulative report; dataset -> skip set -> the sum over actors
+        self.reports: dict[str, dict[str, dict]] = defaultdict(dict)
         self.stats: dict[str, dict[tuple, dict]] = defaultdict(dict)
         self.iterations: dict[str, int] = defaultdict(int)
         self.settled: dict[str, set] = defaultdict(set)  # sets an actor stood by (not candidates under test)
@@ -43,7 +59,26 @@ class Coordinator:
         # batch (its output file's name) -> (rows done, tokens, errors); a retry replaces its earlier attempt
         self.running: dict[str, tuple[int, int, int]] = {}
         self.finished: dict[str, tuple[int, int, int]] = {}
+        # the corpus pool: per dataset, entries (seq, actor id, address, tokens) oldest first, from self.pool_start
+        self.pool: dict[str, list] = defaultdict(list)
+        self.pool_seqs: dict[str, list[int]] = defaultdict(list)
+        self.pool_start: dict[str, int] = defaultdict(int)
+        self.pool_tokens: dict[str, int] = defaultdict(int)
+        self.pool_paths: dict[str, set] = defaultdict(set)
+        self.corpus_key: dict[str, str] = {}
+        self.corpus_seq = 0
 
+    def _hang_once(self) -> None:
+        if self.hang_s:
+            hang, self.hang_s = self.hang_s, 0.0
+            time.sleep(hang)
+
+    # -- liveness -----------------------------------------------------------------------------------
+    def hello(self) -> dict:
+        """Who answers: the epoch (new after a restart), its process and when it started."""
+        return {"epoch": self.epoch, "pid": os.getpid(), "started": self.started}
+
+    # -- progress -----------------------------------------------------------------------------------
     def batch_progress(self, batch: str, rows: int, tokens: int, errors: int, committed: bool = False) -> None:
         """An actor's counts for a batch: while it runs, and once more when it is committed."""
         if committed:
@@ -52,47 +87,64 @@ class Coordinator:
         elif batch not in self.finished:
             self.running[batch] = (rows, tokens, errors)
 
+    def batches_committed(self, batches: dict) -> None:
+        """Committed batches' counts re-sent by an actor after a restart ({batch: (rows, tokens, errors)})."""
+        for b, counts in batches.items():
+            self.batch_progress(b, *counts, committed=True)
+
     def progress(self) -> tuple[int, int, int]:
         """(rows done, tokens, errors) over the committed batches and those running now."""
         both = list(self.finished.values()) + list(self.running.values())
         return tuple(sum(v[i] for v in both) for i in range(3))
 
-    def corpus_put(self, dataset: str, key: str, actor_id: str, outputs: list) -> None:
-        """An actor's finished outputs for ``dataset`` (token id arrays), indexed by the model/tokenizer ``key``."""
+    # -- the corpus pool ------------------------------------------------------------------------------
+    def corpus_put(self, dataset: str, key: str, actor_id: str, address: str, tokens: int) -> None:
+        """A batch's outputs for ``dataset`` (``tokens`` tokens, written at ``address`` by its actor),
+        indexed by the model/tokenizer ``key``. The same address again (a retried or re-sent batch) is a no-op."""
         if self.corpus_key.setdefault(dataset, key) != key:
             return  # another model's tokens: not this dataset's index (one model per run)
-        log, cap = self.corpus[dataset], self.corpus_cap
-        for o in outputs:
-            o = array("i", o[: cap - 1])
-            if not o:
-                continue
-            self.corpus_seq += 1
-            log.append((self.corpus_seq, actor_id, o))
-            self.corpus_tokens[dataset] += len(o) + 1
-        while self.corpus_tokens[dataset] > cap:
-            self.corpus_tokens[dataset] -= len(log.popleft()[2]) + 1
+        if address in self.pool_paths[dataset] or tokens <= 0:
+            return
+        self.corpus_seq += 1
+        self.pool[dataset].append((self.corpus_seq, actor_id, address, tokens))
+        self.pool_seqs[dataset].append(self.corpus_seq)
+        self.pool_paths[dataset].add(address)
+        self.pool_tokens[dataset] += tokens
+        log, start = self.pool[dataset], self.pool_start[dataset]
+        while self.pool_tokens[dataset] > self.corpus_cap and start < len(log) - 1:
+            _, _, old, n = log[start]
+            self.pool_tokens[dataset] -= n
+            self.pool_paths[dataset].discard(old)
+            start += 1
+        if start > 1024 and start * 2 > len(log):  # compact now and then: memory follows the live entries
+            del log[:start], self.pool_seqs[dataset][:start]
+            start = 0
+        self.pool_start[dataset] = start
 
     def corpus_since(self, dataset: str, after: int, actor_id: str, max_tokens: int) -> tuple[int, list]:
-        """(last sequence number read, outputs other actors sent after ``after``), at most ``max_tokens``
-        tokens (at least one output); ask again with the returned number until the list is empty."""
+        """(last sequence number read, addresses of outputs other actors pooled after ``after``), at most
+        ``max_tokens`` tokens (at least one entry); ask again with the returned number until the list
+        is empty. Costs a bisection plus the entries returned, whatever the pool's size."""
+        log, seqs = self.pool.get(dataset, ()), self.pool_seqs.get(dataset, ())
         out, tokens, last = [], 0, after
-        for seq, who, o in self.corpus.get(dataset, ()):
-            if seq <= after:
-                continue
-            if out and tokens + len(o) > max_tokens:
+        i = max(bisect.bisect_right(seqs, after), self.pool_start.get(dataset, 0))
+        for seq, who, address, n in log[i:] if log else ():
+            if out and tokens + n > max_tokens:
                 break
             last = seq
             if who != actor_id:
-                out.append(o)
-                tokens += len(o)
+                out.append(address)
+                tokens += n
         return last, out
 
     def corpus_pooled(self) -> dict[str, tuple[str, list]]:
-        """{dataset: (key, this run's outputs, oldest first)} for the driver to save."""
-        return {d: (self.corpus_key[d], [o for _, _, o in log]) for d, log in self.corpus.items()}
+        """{dataset: (key, addresses of this run's pooled outputs, oldest first)}."""
+        return {d: (self.corpus_key[d], [e[2] for e in log[self.pool_start[d]:]]) for d, log in self.pool.items()}
 
+    # -- cost surfaces, actors ---------------------------------------------------------------------------
     def surface(self, key: str) -> dict | None:
         """A cost surface another actor measured on the same kind of accelerator (``drafter: auto``)."""
+        self._hang_once()
         return self.surfaces.get(key)
 
     def put_surface(self, key: str, surface: dict) -> None:
@@ -105,17 +157,24 @@ class Coordinator:
     def actors_info(self) -> dict[str, dict]:
         return {k: dict(v) for k, v in self.actors.items()}
 
-    def report(self, dataset: str, obs: dict) -> None:
-        key = tuple(sorted(obs.get("skip_set") or ()))
-        acc = self.stats[dataset].setdefault(key, dict.fromkeys(_SUMMED, 0))
-        for k in _SUMMED:
-            acc[k] += obs.get(k) or 0
-        self.latest[dataset] = list(key)
-        if obs.get("settled", True):
-            self.settled[dataset].add(key)
-        self.iterations[dataset] = max(self.iterations[dataset], int(obs.get("search_iterations") or 0))
-        if obs.get("model_id"):
-            self.model = {"model_id": obs["model_id"], "n_layers": obs.get("n_layers")}
+    # -- skip sets ------------------------------------------------------------------------------------
+    def report(self, dataset: str, actor_id: str, state: dict) -> None:
+        """An actor's cumulative observations on ``dataset``: ``sets`` {skip set: summed fields},
+        ``latest`` (the set its policy stands on), ``settled`` (sets it stood by), ``search_iterations``,
+        ``model_id`` / ``n_layers``. Replaces that actor's earlier report."""
+        old = self.reports[dataset].get(actor_id)
+        stats = self.stats[dataset]
+        for key, obs in (old or {}).get("sets", {}).items():
+            add_obs(stats[key], obs, -1)
+        for key, obs in state.get("sets", {}).items():
+            add_obs(stats.setdefault(tuple(key), dict.fromkeys(_SUMMED, 0)), obs)
+        self.reports[dataset][actor_id] = {**state, "sets": {tuple(k): dict(v) for k, v in state.get("sets", {}).items()}}
+        if state.get("latest") is not None:
+            self.latest[dataset] = list(state["latest"])
+        self.settled[dataset].update(tuple(s) for s in state.get("settled", ()))
+        self.iterations[dataset] = max(self.iterations[dataset], int(state.get("search_iterations") or 0))
+        if state.get("model_id"):
+            self.model = {"model_id": state["model_id"], "n_layers": state.get("n_layers")}
 
     @staticmethod
     def _score(acc: dict) -> float:
@@ -127,9 +186,20 @@ class Coordinator:
                  if a["tokens"] >= self.min_tokens and k in self.settled[dataset]]
         return list(max(cands)[1]) if cands else None
 
+    def advice(self, actor_id: str, datasets: list[str], seen: dict[str, int], share_tokens: int) -> dict:
+        """An actor's one read per batch: the epoch, each dataset's best set and its new pool entries."""
+        self._hang_once()
+        pool = {}
+        for d in datasets:
+            if d in self.pool:
+                pool[d] = self.corpus_since(d, seen.get(d, 0), actor_id, share_tokens)
+        return {"epoch": self.epoch, "best": {d: self.best(d) for d in datasets}, "pool": pool}
+
     def summary(self) -> dict[str, dict]:
         out = {}
         for dataset, sets in self.stats.items():
+            if not sets:
+                continue
             best = self.best(dataset)
             # the settled best set, else (no actor settled yet) the set that produced the most tokens
             key = tuple(best) if best is not None else max(sets, key=lambda k: sets[k]["tokens"])
@@ -148,6 +218,11 @@ class Coordinator:
             }
         return out
 
+    def final(self) -> dict:
+        """What the driver writes out at the end: one call (skip sets, the model, the actors)."""
+        return {"epoch": self.epoch, "summary": self.summary(), "model": self.model_info(),
+                "actors": self.actors_info()}
+
     def current(self, datasets: list[str]) -> dict[str, list[int]]:
         return {d: self.latest[d] for d in datasets if d in self.latest}
 
@@ -155,13 +230,17 @@ class Coordinator:
         return dict(self.model)
 
 
-def start_coordinator(name: str, namespace: str | None = None, corpus_cap: int = 1 << 20):
+def start_coordinator(name: str, namespace: str | None = None, corpus_cap: int = 1 << 20, hang_s: float = 0.0,
+                      max_restarts: int = -1):
     """The run's coordinator as a named actor on the driver's own node (no CPU taken). A node's loss
     that takes the coordinator with it takes the driver too, which no Ray job survives; every other
-    node can go (an actor on a worker node would fail every generation actor that asks it)."""
+    node can go. A coordinator that dies (the OOM killer, a crash in a handler, SIGKILL) is restarted
+    by Ray (``max_restarts``, forever by default: it holds only advice) and a call sent meanwhile is
+    retried once it is back; callers bound every wait (``pipeline.advice``)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=False)
-    return ray.remote(num_cpus=0)(Coordinator).options(name=name, namespace=namespace, get_if_exists=True,
-                                                       scheduling_strategy=here).remote(corpus_cap=corpus_cap)
+    return ray.remote(num_cpus=0)(Coordinator).options(
+        name=name, namespace=namespace, get_if_exists=True, scheduling_strategy=here,
+        max_restarts=max_restarts, max_task_retries=2).remote(corpus_cap=corpus_cap, hang_s=hang_s)

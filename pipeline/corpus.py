@@ -3,11 +3,12 @@
 Each actor keeps one ``conflayers.drafts.corpus.SuffixIndex`` per dataset (a ``CorpusDrafter``'s). They
 are shared and kept like this:
 
-- **in a run**: after each batch an actor sends that batch's finished outputs per dataset to the
-  coordinator (``Coordinator.corpus_put``); before each batch it takes the outputs other actors
-  sent since it last asked (``corpus_since``, at most ``corpus_index.share_tokens`` tokens a message)
-  and indexes them. The coordinator keeps the run's outputs per dataset, oldest dropped past
-  ``corpus_index.max_tokens_indexed``.
+- **in a run**: after each batch an actor writes that batch's finished outputs to one file in
+  storage (``pipeline.corpus_pool``) and sends its address to the coordinator
+  (``Coordinator.corpus_put``); before each batch it reads the files other actors pooled since it
+  last asked (``corpus_since``, at most ``corpus_index.share_tokens`` tokens an answer) and indexes
+  them. The coordinator keeps only the addresses, per dataset, oldest dropped past
+  ``corpus_index.max_tokens_indexed``; its loss loses no output.
 - **across runs**: an actor starting a dataset loads ``<corpus_index.path>/<dataset>-<key hash>.clsx``
   (the file names the model and tokenizer it was built for: another model's index is another
   file); at the end of the run the driver merges the run's pooled outputs into that file (oldest

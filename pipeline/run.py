@@ -11,8 +11,13 @@
    of the input's and the outputs' ids, in Ray tasks),
    stream the committed generations through running sums into ``metrics.parquet``, write
    ``skip_sets.json`` and ``actors.json``, merge searched sets into the skip-set registry, merge
-   the run's pooled outputs into the saved corpus indexes (``pipeline.corpus``), and return the
-   metrics.
+   the run's pooled outputs (``pipeline.corpus_pool``, in storage) into the saved corpus indexes
+   (``pipeline.corpus``), and return the metrics.
+
+The coordinator is advice: every call the driver makes to it is bounded (``ray.coordinator_timeout_s``),
+progress falls back on the batches the driver has received, and the final merge uses what
+survives: a coordinator lost or restarted late leaves the skip sets to the generations' own
+columns and the actors' start-up times unknown, each named in a warning (``final_advice``).
 
 The driver never holds the corpus's outputs, and holds ids only up to ``ray.driver_ids`` of them
 (the resume filter's set on small runs); above that it sees only counts, example ids and one object
@@ -38,7 +43,9 @@ from . import io as storage_io
 from .actor import GenerationActor
 from .config import PipelineConfig, validate
 from .coordinator import start_coordinator
+from .memory import actor_memory
 from .corpus import corpus_dir, save_pooled, uses_corpus
+from .corpus_pool import read_pool
 from .metrics import MetricsAccumulator, metrics_table, summary_table
 from .progress import JobProgress
 from .reader import ROW_FIELDS, read_rows
@@ -249,26 +256,39 @@ def run(cfg: PipelineConfig) -> list[dict]:
             return previous
 
     coord_name = f"conflayers-coordinator-{uuid.uuid4().hex[:8]}"
-    coordinator = start_coordinator(coord_name, corpus_cap=cfg.corpus_index.max_tokens_indexed)
+    coordinator = start_coordinator(coord_name, corpus_cap=cfg.corpus_index.max_tokens_indexed,
+                                    hang_s=cfg.debug.coordinator_hang_s)
     r = cfg.ray
+    first = _ask(coordinator, "hello", r.coordinator_timeout_s)
+    epoch0 = first["epoch"] if first else None
+    memory = actor_memory(cfg, gpu)
 
     ds = ds.repartition(target_num_rows_per_block=r.batch_size)  # one block per actor call: spread, and logged per batch
     with remote_args_accepted():
         ds = ds.map_batches(
             GenerationActor,
-            fn_constructor_kwargs={"cfg": cfg, "coordinator": coord_name,
+            fn_constructor_kwargs={"cfg": memory.config, "coordinator": coord_name,
                                    "namespace": ray.get_runtime_context().namespace},
             batch_size=r.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=r.concurrency),
             num_gpus=1 if gpu else 0,
             num_cpus=0 if gpu else r.num_cpus_per_actor,
+            memory=memory.declared,
             max_restarts=r.max_restarts,
             max_task_retries=r.max_task_retries,
         )
 
-    progress = JobProgress(total, lambda: ray.get(coordinator.progress.remote(), timeout=10),
-                           interval_s=cfg.progress.interval_s, clock=time.perf_counter, started=t0).start()
+    received = [0, 0, 0]  # rows, tokens, errors of the batches the driver has received (all committed)
+
+    def poll() -> tuple[int, int, int]:
+        """The coordinator's counts (rows as they finish), never fewer than the committed batches received:
+        a restarted coordinator has lost its counts, a hung one does not answer."""
+        got = _ask(coordinator, "progress", r.coordinator_timeout_s) or (0, 0, 0)
+        return tuple(max(a, b) for a, b in zip(got, received))
+
+    progress = JobProgress(total, poll, interval_s=cfg.progress.interval_s, clock=time.perf_counter,
+                           started=t0).start()
     rows_done = errors = 0
     try:
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -276,18 +296,19 @@ def run(cfg: PipelineConfig) -> list[dict]:
                 continue
             rows_done += batch.num_rows
             errors += batch.num_rows - pc.sum(pc.is_null(batch.column("error_type"))).as_py()
+            received[:] = [rows_done, received[1] + (pc.sum(batch.column("num_generated_tokens")).as_py() or 0), errors]
             if cfg.progress.verbose:
-                current = ray.get(coordinator.current.remote(sorted(set(batch.column("dataset").to_pylist()))))
+                current = _ask(coordinator, "current", r.coordinator_timeout_s,
+                               sorted(set(batch.column("dataset").to_pylist()))) or {}
                 log.info("batch committed: %d rows (%d so far, %d errors), skip set %s", batch.num_rows, rows_done,
                          errors, " ".join(f"{d}:{s}" for d, s in current.items()) or "-")
     finally:
         progress.close()
     wall = time.perf_counter() - t0
 
-    sets = ray.get(coordinator.summary.remote())
-    model = ray.get(coordinator.model_info.remote())
-    actors = ray.get(coordinator.actors_info.remote())
-    pooled = ray.get(coordinator.corpus_pooled.remote()) if uses_corpus(cfg) else {}
+    if cfg.debug.kill_coordinator_at == "merge":
+        _kill_coordinator(coordinator, r.coordinator_timeout_s)
+    final = final_advice(_ask(coordinator, "final", r.coordinator_timeout_s), epoch0)
     ray.kill(coordinator)
 
     duplicated = check_exactly_once(cfg, files)
@@ -301,6 +322,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
         if seen is not None:
             batch_rows = [x for x in batch_rows if x["id"] not in seen and not seen.add(x["id"])]
         acc.add(batch_rows)
+    sets, model, actors = fill_from_generations(final, acc, cfg)
     metrics = acc.result(wall, model.get("n_layers"), sets, accelerator_count=r.concurrency if gpu else 0,
                          startup_seconds=startup_seconds(actors, t0_wall, r.concurrency, wall))
     storage_io.write_parquet(cfg.storage, storage_io.join(cfg.output.path, "metrics.parquet"), metrics_table(metrics))
@@ -311,12 +333,77 @@ def run(cfg: PipelineConfig) -> list[dict]:
     merged = _merge_registry(cfg, sets, model)
     if merged:
         log.info("merged %d skip set(s) into the registry %s", merged, cfg.search.registry)
-    saved = save_pooled(cfg, pooled)
+    saved = save_pooled(cfg, read_pool(cfg, cfg.corpus_index.max_tokens_indexed)) if uses_corpus(cfg) else 0
     if saved:
         log.info("saved %d corpus index(es) under %s", saved, corpus_dir(cfg))
     print(summary_table(metrics), flush=True)
     log.info("%d rows (%d errors) in %.1f s; outputs under %s", rows_done, errors, wall, cfg.output.path)
     return metrics
+
+
+def _ask(coordinator, method: str, timeout_s: float, *args):
+    """A bounded call to the coordinator: its answer, or None (gone, restarting past the timeout, hung)."""
+    import ray
+
+    try:
+        return ray.get(getattr(coordinator, method).remote(*args), timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - advice: GetTimeoutError, ActorDiedError, ActorUnavailableError, ...
+        log.debug("coordinator %s: %s: %s", method, type(e).__name__, e)
+        return None
+
+
+def _kill_coordinator(coordinator, timeout_s: float) -> None:
+    """Tests (``debug.kill_coordinator_at=merge``): SIGKILL the coordinator's process, as the OOM killer would."""
+    import os
+    import signal
+
+    hello = _ask(coordinator, "hello", timeout_s)
+    if hello:
+        log.warning("debug.kill_coordinator_at=merge: SIGKILLing the coordinator (pid %d)", hello["pid"])
+        os.kill(hello["pid"], signal.SIGKILL)
+
+
+def final_advice(final: dict | None, epoch0: str | None) -> dict:
+    """The coordinator's end-of-run state as far as it survived: {summary, model, actors, lost}.
+    ``lost`` names what a coordinator gone (no answer) or restarted (another epoch: it holds only what
+    actors re-sent after the restart) could not give."""
+    if final is None:
+        return {"summary": {}, "model": {}, "actors": {}, "lost": "did not answer at the end of the run (dead or hung)"}
+    out = {k: final[k] for k in ("summary", "model", "actors")}
+    out["lost"] = None
+    if epoch0 is not None and final.get("epoch") != epoch0:
+        out["lost"] = "restarted during the run (it holds only what the actors alive after the restart re-sent)"
+    return out
+
+
+def fill_from_generations(final: dict, acc: MetricsAccumulator, cfg: PipelineConfig) -> tuple[dict, dict, dict]:
+    """(skip sets, model, actors) for the outputs: the coordinator's, and where it lost them, what the
+    committed generations say (each dataset's most used skip set, unsettled, so the registry is not
+    fed from it; the actors that wrote rows, without start-up times); a warning names what was lost."""
+    sets, model, actors = dict(final["summary"]), dict(final["model"]), dict(final["actors"])
+    lost_sets = sorted(d for d in acc.groups if d not in sets)
+    for d in lost_sets:
+        g = acc.groups[d]
+        sets[d] = {"skip_set": list(g.sets.most_common(1)[0][0]) if g.sets else [], "tokens_per_s": None, "tau": None,
+                   "acceptance_rate": None, "baseline_tokens_per_s": None, "search_iterations": g.iters,
+                   "sets_tried": len(g.sets), "rows": g.ok, "settled": False, "from_generations": True}
+    lost_actors = sorted(a for a in acc.all.actors if a and a not in actors)
+    for a in lost_actors:
+        actors[a] = {"from_generations": True}
+    if final["lost"] or lost_sets or lost_actors:
+        what = []
+        if lost_sets:
+            what.append(f"skip-set statistics of dataset(s) {', '.join(lost_sets)} (skip_sets.json gives the "
+                        "generations' most used set; the skip-set registry is not updated for them)")
+        if lost_actors:
+            what.append(f"start-up info of {len(lost_actors)} actor(s) (actors.json lists them without it; "
+                        "startup_seconds may be missing)")
+        if not model:
+            what.append("the model's layer count (skip_ratio is empty)")
+        log.warning("the coordinator %s; lost: %s. Rows, metrics and the corpus pool are unaffected (they come "
+                    "from the committed outputs).", final["lost"] or "lost part of its state",
+                    "; ".join(what) or "nothing the outputs needed")
+    return sets, model, actors
 
 
 def read_metrics(cfg: PipelineConfig) -> list[dict] | None:

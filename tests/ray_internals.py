@@ -92,3 +92,21 @@ def replica_pids_by_process_title(app: str, deployment: str) -> list[int]:
 
     return [p.pid for p in psutil.process_iter(["cmdline"])
             if f"ServeReplica:{app}:{deployment}" in " ".join(p.info["cmdline"] or [])]
+
+
+
+def actor_pids(class_name: str) -> dict[str, int]:
+    """{actor id: worker process id} of the live actors of class ``class_name``, from the
+    GCS actor table (``ray._private.state.actors``: works without the dashboard the state API needs): the
+    process to SIGKILL to kill an actor as the OOM killer would."""
+    from ray._private import state
+
+    return {aid: a["Pid"] for aid, a in state.actors().items()
+            if a["State"] == "ALIVE" and a["ActorClassName"] == class_name and a["Pid"]}
+
+
+def memory_in_use() -> float:
+    """Bytes of the cluster's ``memory`` resource that live tasks and actors have declared (total - available)."""
+    import ray
+
+    return ray.cluster_resources().get("memory", 0.0) - ray.available_resources().get("memory", 0.0)

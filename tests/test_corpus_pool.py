@@ -13,36 +13,62 @@ from pipeline.corpus import corpus_dir, index_file, load_index, save_pooled
 
 
 def test_the_pool_hands_each_actor_the_others_outputs_in_bounded_messages():
+    """The coordinator passes addresses of pooled files (and their token counts), never the outputs."""
     c = Coordinator(corpus_cap=1000)
-    c.corpus_put("d", "k", "a1", [[1, 2, 3], [4, 5]])
-    c.corpus_put("d", "k", "a2", [[6, 7, 8, 9], [10] * 5, [11] * 5])
-    c.corpus_put("e", "k", "a2", [[12]])
+    c.corpus_put("d", "k", "a1", "p1", 5)
+    c.corpus_put("d", "k", "a2", "p2", 4)
+    c.corpus_put("d", "k", "a2", "p3", 5)
+    c.corpus_put("d", "k", "a2", "p4", 5)
+    c.corpus_put("e", "k", "a2", "q1", 1)
     got, after = [], 0
-    while True:  # a1 asks in messages of at most 6 tokens: it gets a2's outputs, never its own
+    while True:  # a1 asks in messages of at most 6 tokens: it gets a2's files, never its own
         after, outs = c.corpus_since("d", after, "a1", 6)
         if not outs:
             break
-        assert sum(map(len, outs)) <= 6 or len(outs) == 1
-        got += [list(o) for o in outs]
-    assert got == [[6, 7, 8, 9], [10] * 5, [11] * 5]
+        assert len(outs) == 1
+        got += outs
+    assert got == ["p2", "p3", "p4"]
     assert c.corpus_since("d", after, "a1", 6) == (after, [])  # nothing new
-    c.corpus_put("d", "k", "a2", [[13, 14]])
-    assert [list(o) for o in c.corpus_since("d", after, "a1", 6)[1]] == [[13, 14]]
-    assert [list(o) for o in c.corpus_since("d", 0, "a3", 100)[1]] == [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10] * 5,
-                                                                        [11] * 5, [13, 14]]
-    c.corpus_put("d", "other-model", "a3", [[99]])  # another model's tokens are not this dataset's
+    c.corpus_put("d", "k", "a2", "p5", 2)
+    c.corpus_put("d", "k", "a2", "p5", 2)  # a retried batch, or one re-sent after a restart: once
+    assert c.corpus_since("d", after, "a1", 6)[1] == ["p5"]
+    assert c.corpus_since("d", 0, "a3", 100)[1] == ["p1", "p2", "p3", "p4", "p5"]
+    c.corpus_put("d", "other-model", "a3", "x", 1)  # another model's tokens are not this dataset's
     key, outs = c.corpus_pooled()["d"]
-    assert key == "k" and [99] not in [list(o) for o in outs]
+    assert key == "k" and outs == ["p1", "p2", "p3", "p4", "p5"]
 
 
-def test_the_pool_never_holds_more_than_its_cap():
+def test_the_pool_never_holds_more_than_its_cap_and_reads_cost_what_is_new():
     c = Coordinator(corpus_cap=50)
-    for i in range(40):
-        c.corpus_put("d", "k", f"a{i % 3}", [[i] * (i % 7 + 1)])
-        assert c.corpus_tokens["d"] <= 50
-        assert c.corpus_tokens["d"] == sum(len(o) + 1 for _, _, o in c.corpus["d"])
-    outs = c.corpus_pooled()["d"][1]
-    assert [o[0] for o in outs] == list(range(40 - len(outs), 40))  # the newest, in order
+    sizes = {}
+    for i in range(3000):
+        sizes[f"f{i}"] = i % 7 + 2
+        c.corpus_put("d", "k", f"a{i % 3}", f"f{i}", sizes[f"f{i}"])
+        live = c.corpus_pooled()["d"][1]
+        assert c.pool_tokens["d"] == sum(sizes[p] for p in live) <= 50
+    assert live == [f"f{i}" for i in range(3000 - len(live), 3000)]  # the newest, in order
+    assert len(c.pool["d"]) < 1100  # evicted entries are compacted away
+    after = c.corpus_since("d", 0, "a9", 10**6)[0]
+    c.corpus_put("d", "k", "a1", "new", 3)
+    assert c.corpus_since("d", after, "a9", 10**6) == (after + 1, ["new"])
+
+
+def test_pooled_files_round_trip_newest_first_within_the_cap(tmp_path):
+    import os
+
+    from pipeline.corpus_pool import read_batch, read_pool, write_batch
+
+    cfg = PipelineConfig()
+    cfg.output.path = str(tmp_path / "out")
+    a = write_batch(cfg, "batch-a.parquet", "k", {"d": [[1, 2, 3]], "e": [[9]]})
+    b = write_batch(cfg, "batch-b.parquet", "k", {"d": [[4, 5], [6, 7, 8]]})
+    os.utime(a.replace("file://", ""), (1, 1))  # a is older
+    assert write_batch(cfg, "batch-c.parquet", "k", {"d": []}) is None
+    assert [list(o) for o in read_batch(cfg, b, "d", "k")] == [[4, 5], [6, 7, 8]]
+    assert read_batch(cfg, b, "d", "other-key") == []
+    pooled = read_pool(cfg, cap=100)
+    assert pooled["d"] == ("k", [[1, 2, 3], [4, 5], [6, 7, 8]]) and pooled["e"] == ("k", [[9]])
+    assert read_pool(cfg, cap=7)["d"] == ("k", [[4, 5], [6, 7, 8]])  # the newest that fit (a token + 1 each)
 
 
 def test_keep_newest_fits_the_cap():

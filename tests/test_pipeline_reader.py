@@ -114,14 +114,25 @@ def test_config_errors_name_the_key(tmp_path):
 def test_coordinator_best_and_summary():
     c = Coordinator()
     assert c.best("d") is None
-    c.report("d", {"skip_set": [3], "tokens": 100, "seconds": 10, "steps": 50, "drafted": 80, "accepted": 50,
-                   "rows": 2, "settled": True})
-    c.report("d", {"skip_set": [5], "tokens": 100, "seconds": 5, "steps": 40, "drafted": 80, "accepted": 60,
-                   "rows": 2, "settled": True, "search_iterations": 4})
-    c.report("d", {"skip_set": [7], "tokens": 100, "seconds": 1, "rows": 1, "settled": False})  # a candidate
-    assert c.best("d") == [5]
+    three = {"sets": {(3,): {"tokens": 100, "seconds": 10, "steps": 50, "drafted": 80, "accepted": 50, "rows": 2}},
+             "latest": [3], "settled": [[3]]}
+    c.report("d", "a1", three)
+    c.report("d", "a2", {"sets": {(5,): {"tokens": 100, "seconds": 5, "steps": 40, "drafted": 80, "accepted": 60,
+                                         "rows": 2}}, "latest": [5], "settled": [[5]], "search_iterations": 4})
+    c.report("d", "a3", {"sets": {(7,): {"tokens": 100, "seconds": 1, "rows": 1}}, "latest": [7], "settled": []})
+    assert c.best("d") == [5]  # [7] is fastest but a candidate under test, not a set an actor stood by
     s = c.summary()["d"]
     assert s["skip_set"] == [5] and s["tokens_per_s"] == 20 and s["search_iterations"] == 4 and s["rows"] == 5
+    # a report is an actor's whole state: sent again (a retried call, a restarted coordinator) it counts once
+    c.report("d", "a1", three)
+    assert c.summary()["d"]["rows"] == 5
+    three["sets"][(3,)] = {"tokens": 300, "seconds": 10, "steps": 50, "drafted": 80, "accepted": 50, "rows": 4}
+    c.report("d", "a1", three)
+    assert c.best("d") == [3] and c.summary()["d"]["rows"] == 7
+    fresh = Coordinator()  # restarted: rebuilt from what the live actors re-send
+    for actor, state in c.reports["d"].items():
+        fresh.report("d", actor, state)
+    assert fresh.summary() == c.summary() and fresh.epoch != c.epoch
 
 
 def test_metrics_dedupe_and_fields():
