@@ -20,6 +20,7 @@ import threading
 
 from jobs.generate import _setup_logging, init_ray, job_parser, load_config
 from pipeline.serve.app import ServeConfig, build_app, served_model_name, validate_serve
+from pipeline.serve.errors import install as install_openai_errors
 
 
 def start(cfg: ServeConfig) -> str:
@@ -52,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     if isinstance(cfg.serve.num_replicas, int):
         cfg.ray.concurrency = cfg.serve.num_replicas  # a local cluster shares its cores among the replicas
     cfg.ray.num_cpus_per_actor = cfg.serve.num_cpus
+    install_openai_errors()  # Serve's proxy answers overload (503, 408) in OpenAI's error shape
     init_ray(cfg)
 
     from ray import serve

@@ -44,6 +44,9 @@ def served(tmp_path_factory):
         f"generation.max_tokens_limit={LONG}", "serve.max_prompt_tokens=100", "serve.model_name=tiny",
         "serve.max_ongoing_requests=2", "serve.max_queued_requests=2", f"serve.request_timeout_s={T}"],
         ServeConfig, validate_serve)
+    from pipeline.serve.errors import install
+
+    install()  # as jobs.serve does before it starts Ray: the proxy answers overload in OpenAI's shape
     ray.init(address="local", num_cpus=3, include_dashboard=False, configure_logging=False)
     url = start(cfg)
     yield url
@@ -171,3 +174,39 @@ def test_a_replica_killed_under_load_fails_its_requests_and_serve_restarts_it(se
           f"requests while it restarted {dict(tries)}; first 200 {ok:.1f} s after the kill")
     assert ok is not None
     assert ri.replica_pids_by_process_title("conflayers", "ConfLayersServer") not in ([], [old])
+
+
+def test_overload_and_timeouts_reach_an_openai_client_as_openai_errors(served):
+    """Serve's proxy answers a full queue (503) and a request it gave up on (408) itself; both arrive in
+    OpenAI's error shape (``pipeline.serve.errors``), so the ``openai`` client raises its status errors with
+    the message, type and code, and the 503 keeps its ``Retry-After``."""
+    import openai
+
+    async def one(client, i: int, delay: float):
+        await asyncio.sleep(delay)
+        try:
+            await client.completions.create(model="tiny", prompt=f"Tell me fact number {i}.", max_tokens=LONG,
+                                            temperature=0)
+        except openai.APIStatusError as e:
+            return e
+        return None
+
+    async def go():
+        client = openai.AsyncOpenAI(base_url=served + "/v1", api_key="unused", max_retries=0, timeout=T + SLACK)
+        # two fill the replica past the timeout, two wait in the queue until the proxy gives up, four find it full
+        return await asyncio.gather(*(one(client, i, 0.0 if i < 2 else 0.3) for i in range(8)))
+
+    errors = asyncio.run(go())
+    assert all(e is not None for e in errors), errors
+    by_status = Counter(e.status_code for e in errors)
+    print(f"\nthe openai client saw: {dict(by_status)}; e.g. {errors[-1].body}")
+    assert set(by_status) <= {408, 503, 504} and by_status[503] >= 1, by_status
+    for e in errors:
+        assert set(e.body) >= {"message", "type", "code"} and e.body["message"], e.body
+    for e in (e for e in errors if e.status_code == 503):
+        assert isinstance(e, openai.InternalServerError) and e.body["type"] == "server_error"
+        assert e.body["code"] == "server_overloaded" and e.response.headers["retry-after"] == "1"
+        assert e.response.headers["content-type"] == "application/json"
+    for e in (e for e in errors if e.status_code == 408):
+        assert e.body["type"] == "timeout_error" and "timed out" in e.body["message"]
+    assert idle(served)["in_flight"] == 0

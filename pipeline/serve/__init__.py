@@ -5,5 +5,6 @@ builds ``app.build_app``. Files:
 
 - ``app``: the Serve deployment (one engine and a ``conflayers.scheduler.Scheduler`` per replica) and
   its FastAPI ingress, metrics, API key;
-- ``openai_api``: the protocol without HTTP (request checks, stop strings, response bodies).
+- ``openai_api``: the protocol without HTTP (request checks, stop strings, response bodies);
+- ``errors``: Serve's proxy's own overload answers (503, 408) rewritten into OpenAI's error shape.
 """
