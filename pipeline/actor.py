@@ -95,11 +95,11 @@ def batch_file_name(ids: list[str]) -> str:
 
 
 class BatchProgress:
-    """A batch's rows as they finish, sent to the coordinator at most once a second (and by ``send``):
+    """A batch's rows as they finish, sent to the coordinator at most every 5 s (and by ``send``):
     the driver's progress display counts them before the batch is committed. ``advice`` is a
     ``pipeline.advice.Advice`` (a send never waits) or None."""
 
-    def __init__(self, advice, batch: str, errors: int, every_s: float = 1.0):
+    def __init__(self, advice, batch: str, errors: int, every_s: float = 5.0):
         self.advice, self.batch, self.every_s = advice, batch, every_s
         self.rows = self.errors = errors  # rows that failed before generation are done already
         self.tokens = 0
@@ -189,6 +189,7 @@ class GenerationActor:
         self.pooled: dict[str, dict[str, int]] = defaultdict(dict)  # per dataset: this actor's pool files -> tokens
         self.reports: dict[str, dict] = {}  # per dataset: this actor's cumulative report (re-sent whole each time)
         self.committed: dict[str, tuple[int, int, int]] = {}  # batches this actor committed -> counts
+        self.batch_news: dict = {}  # this batch's reports and pooled file, sent with its commit
         # a server (lanes) drafts from the saved indexes as they are: an identical seeded request must
         # get identical drafts (and so the same samples), whatever was served in between
         self.learns_corpus = not lanes
@@ -284,7 +285,8 @@ class GenerationActor:
         a = self.advice
         if a is None:
             return {}
-        new = [d for d in datasets if d not in self.policies]
+        searching = self.cfg.search.drafter in ("auto", "layerskip")  # a policy per dataset, started from the best set
+        new = [d for d in datasets if d not in self.policies] if searching else []
         got = a.arrived(wait_s=a.timeout_s if new and a.pending is not None else 0.0)
         if got is not None and not all(d in got.get("best", {}) for d in new):
             a.prefetch(self.actor_id, datasets, dict(self.corpus_seen), self.cfg.corpus_index.share_tokens)
@@ -369,8 +371,10 @@ class GenerationActor:
             n = sum(len(o) + 1 for o in outs)
             if outs and path:
                 self.pooled[d][path] = n
-                if self.advice is not None:
-                    self.advice.send("corpus_put", d, self.corpus_key, self.actor_id, path, n)
+                files = self.pooled[d]  # kept for a re-send after a restart: the newest within the pool's cap
+                while sum(files.values()) > self.cfg.corpus_index.max_tokens_indexed and len(files) > 1:
+                    del files[next(iter(files))]
+                self.batch_news.setdefault("pool", {})[d] = (self.corpus_key, path, n)
 
     def _surface(self):
         """The cost surface for this accelerator: the coordinator's if another actor measured it,
@@ -472,10 +476,13 @@ class GenerationActor:
         return table
 
     def _committed(self, name: str, out: list[dict]) -> None:
-        """A committed batch's final counts, to the coordinator (every path that commits goes through here)."""
+        """A committed batch's final counts, its datasets' reports and pooled file, to the coordinator in one
+        message (every path that commits goes through here)."""
         self.committed[name] = committed_counts(out)
+        news, self.batch_news = self.batch_news, {}
         if self.advice is not None:
-            self.advice.send("batch_progress", name, *self.committed[name], True)
+            self.advice.send("batch_done", self.actor_id, name, self.committed[name], news.get("reports", {}),
+                             news.get("pool", {}))
 
     def _timed_out(self, rows: list[dict], attempts: int) -> pa.Table:
         """The rows of a batch that timed out in every attempt, as ``timeout`` error rows (committed like
@@ -597,8 +604,7 @@ class GenerationActor:
             state["settled"].append(list(key))
         state["search_iterations"] = max(state.get("search_iterations", 0), int(obs.get("search_iterations") or 0))
         state["model_id"], state["n_layers"] = obs.get("model_id"), obs.get("n_layers")
-        if self.advice is not None:
-            self.advice.send("report", dataset, self.actor_id, state)
+        self.batch_news.setdefault("reports", {})[dataset] = state  # sent with the commit (``_committed``)
 
     def _commit(self, out: list[dict]) -> pa.Table:
         """Write the batch's rows as one Parquet file named by its ids (the commit), and return them."""

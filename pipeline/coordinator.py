@@ -20,7 +20,9 @@ that key, never an increment, so a message repeated, or re-sent to a restarted c
   and ``corpus_since`` costs what is new (a bisection, then the entries after it).
 
 ``advice`` is the one read an actor makes per batch (best sets, new pool entries, the epoch that
-tells it the coordinator restarted). ``Coordinator`` is a plain class (tested without Ray);
+tells it the coordinator restarted) and ``batch_done`` the one write when it commits one (counts,
+reports, pooled file); in between, a progress message every 5 s. Per actor and 10 s batch that is
+about 4 messages (``benchmarks/coordinator_scale.py`` measures what one coordinator carries). ``Coordinator`` is a plain class (tested without Ray);
 ``start_coordinator`` makes it a named, restartable actor.
 """
 
@@ -91,6 +93,15 @@ class Coordinator:
         """Committed batches' counts re-sent by an actor after a restart ({batch: (rows, tokens, errors)})."""
         for b, counts in batches.items():
             self.batch_progress(b, *counts, committed=True)
+
+    def batch_done(self, actor_id: str, batch: str, counts: tuple, reports: dict, pool: dict) -> None:
+        """A committed batch in one message: its counts, the actor's cumulative reports for the batch's
+        datasets ({dataset: state}, as ``report``) and its pooled file ({dataset: (key, address, tokens)})."""
+        self.batch_progress(batch, *counts, committed=True)
+        for d, state in reports.items():
+            self.report(d, actor_id, state)
+        for d, (key, address, tokens) in pool.items():
+            self.corpus_put(d, key, actor_id, address, tokens)
 
     def progress(self) -> tuple[int, int, int]:
         """(rows done, tokens, errors) over the committed batches and those running now."""
