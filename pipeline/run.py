@@ -259,7 +259,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
     coordinator = start_coordinator(coord_name, corpus_cap=cfg.corpus_index.max_tokens_indexed,
                                     hang_s=cfg.debug.coordinator_hang_s)
     r = cfg.ray
-    first = _ask(coordinator, "hello", r.coordinator_timeout_s)
+    first = _ask(coordinator, "hello", max(r.coordinator_timeout_s, 30.0))  # its start, before any batch waits
     epoch0 = first["epoch"] if first else None
     memory = actor_memory(cfg, gpu)
 
@@ -268,7 +268,8 @@ def run(cfg: PipelineConfig) -> list[dict]:
         ds = ds.map_batches(
             GenerationActor,
             fn_constructor_kwargs={"cfg": memory.config, "coordinator": coord_name,
-                                   "namespace": ray.get_runtime_context().namespace},
+                                   "namespace": ray.get_runtime_context().namespace,
+                                   "expected_rows": -(-total // r.concurrency)},  # prices compiling (engine.compile)
             batch_size=r.batch_size,
             batch_format="pyarrow",
             compute=ray.data.ActorPoolStrategy(size=r.concurrency),
@@ -308,7 +309,8 @@ def run(cfg: PipelineConfig) -> list[dict]:
 
     if cfg.debug.kill_coordinator_at == "merge":
         _kill_coordinator(coordinator, r.coordinator_timeout_s)
-    final = final_advice(_ask(coordinator, "final", r.coordinator_timeout_s), epoch0)
+    # the end of the run can wait a little longer (a restart takes seconds): no batch is waiting now
+    final = final_advice(_ask(coordinator, "final", max(r.coordinator_timeout_s, 10.0)), epoch0)
     ray.kill(coordinator)
 
     duplicated = check_exactly_once(cfg, files)
