@@ -133,15 +133,16 @@ def test_the_coordinator_sigkilled_during_the_final_merge(ray_local, tiny_dir, t
 
 
 @pytest.mark.slow
-def test_a_hung_coordinator_slows_no_batch_past_its_timeout(ray_local, tiny_dir, tmp_path, caplog):
+def test_a_hung_coordinator_slows_no_batch_past_its_timeout(ray_local, tiny_dir, tmp_path, caplog, capsys):
     """The coordinator's first read sleeps 10 minutes (every call after it waits in its mailbox). Each
     batch must finish within ray.batch_timeout_s=60 (else its actor is ended and, twice over, its
     rows written as timeout error rows): actors wait at most ray.coordinator_timeout_s, then run on
-    their own state."""
+    their own state. The progress display, which the coordinator never answers, counts the batches
+    the driver received."""
     from pipeline.run import run
 
     cfg, ids = _cfg(tiny_dir, tmp_path, 8, **{"debug.coordinator_hang_s": 600, "ray.coordinator_timeout_s": 1,
-                                              "ray.batch_timeout_s": 60})
+                                              "ray.batch_timeout_s": 60, "progress.interval_s": 3600})
     caplog.set_level(logging.WARNING, logger="pipeline")
     metrics = run(cfg)
     _check_outputs(metrics, tmp_path / "out", ids)
@@ -149,6 +150,7 @@ def test_a_hung_coordinator_slows_no_batch_past_its_timeout(ray_local, tiny_dir,
     assert attempts and set(attempts) == {1}  # no batch timed out, none was retried
     assert _saved_outputs(tmp_path / "corpus") == len(ids)
     assert "did not answer at the end of the run" in _warnings(caplog)
+    assert "progress: 8/8 rows (100%), 0 errors" in capsys.readouterr().err  # the last line, drawn at the end
 
 
 def test_advice_waits_at_most_its_timeout_then_leaves_the_coordinator_alone(ray_local):
