@@ -209,3 +209,21 @@ def test_a_retried_batch_whose_file_is_committed_is_read_back_not_generated(tiny
     again = actor(batch)
     assert again.to_pylist() == first.to_pylist() and path.stat().st_mtime_ns == stamp
     assert actor.committed[path.name] == (3, sum(r["num_generated_tokens"] for r in first.to_pylist()), 0)
+
+
+def test_the_pool_in_storage_works_on_s3_too():
+    """Pooled files written, read back by address and read newest first by the driver, on S3 (moto)."""
+    from jobs.generate import load_config
+    from pipeline.corpus_pool import read_batch, read_pool, write_batch
+    from tests.pipeline_helpers import MotoS3
+
+    with MotoS3() as s3:
+        s3.client.create_bucket(Bucket="pool")
+        cfg = load_config(None, [f"{k}={v}" for k, v in {**s3.storage, "output.path": "s3://pool/out"}.items()])
+        a = write_batch(cfg, "batch-a.parquet", "k", {"d": [[1, 2, 3]]})
+        time.sleep(1.1)  # S3's LastModified has one-second resolution
+        b = write_batch(cfg, "batch-b.parquet", "k", {"d": [[4, 5]], "e": [[6]]})
+        assert a == "s3://pool/out/corpus_pool/batch-a.parquet"
+        assert [list(o) for o in read_batch(cfg, b, "d", "k")] == [[4, 5]]
+        assert read_pool(cfg, cap=100) == {"d": ("k", [[1, 2, 3], [4, 5]]), "e": ("k", [[6]])}
+        assert read_pool(cfg, cap=4) == {"d": ("k", [[4, 5]]), "e": ("k", [[6]])}  # the newest that fit
