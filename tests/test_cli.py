@@ -13,6 +13,11 @@ def run_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "conflayers", *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def rows_of(stdout: str) -> list[dict]:
+    """The per-prompt lines of a ``--json`` run, by index (the state and summary lines left out)."""
+    return sorted((r for r in map(json.loads, stdout.splitlines()) if "index" in r), key=lambda r: r["index"])
+
+
 def test_json_output_speculative_equals_plain(tmp_path):
     f = tmp_path / "p.jsonl"
     f.write_text(json.dumps({"prompt": "Name two colours."}) + "\n\n" + json.dumps({"prompt": "Repeat: red, green, red, green."}) + "\n")
@@ -23,20 +28,20 @@ def test_json_output_speculative_equals_plain(tmp_path):
     ngram = run_cli(*common, "--drafter", "ngram", "--batch-size", "1")
     for r in (auto, ngram):
         assert r.returncode == 0, r.stderr
-        rows = sorted((json.loads(line) for line in r.stdout.splitlines() if '"index"' in line), key=lambda r: r["index"])
-        assert [r["output"] for r in rows] == [json.loads(line)["output"] for line in sorted(
-            plain.stdout.splitlines(), key=lambda l: json.loads(l)["index"])]
+        rows = rows_of(r.stdout)
+        assert [r["output"] for r in rows] == [r["output"] for r in rows_of(plain.stdout)]
         assert all(sum(r["drafter_steps"].values()) == r["steps"] for r in rows)
+        summary = json.loads(r.stdout.splitlines()[-1])["summary"]  # the last line: the run's step shares
+        steps = sum(r["steps"] for r in rows)
+        assert summary["step_shares"]["ngram"] == round(sum(r["drafter_steps"].get("ngram", 0) for r in rows) / steps, 4)
     assert (tmp_path / "costs.json").exists()  # auto measured the cost surface and cached it
     state = [json.loads(line)["drafter_state"] for line in auto.stdout.splitlines() if "drafter_state" in line]
     assert state and sum(state[0]["decisions"].values()) > 0
+    assert "p" in json.loads(auto.stdout.splitlines()[-1])["summary"]["corpus_index"]  # auto drafts from the corpus too
     assert plain.returncode == 0, plain.stderr
     assert spec.returncode == 0, spec.stderr
-    p_rows = [json.loads(line) for line in plain.stdout.splitlines()]
-    s_rows = [json.loads(line) for line in spec.stdout.splitlines()]
-    assert sorted(r["index"] for r in s_rows) == [0, 1]  # rows come out as they finish
-    s_rows.sort(key=lambda r: r["index"])
-    p_rows.sort(key=lambda r: r["index"])
+    p_rows, s_rows = rows_of(plain.stdout), rows_of(spec.stdout)
+    assert [r["index"] for r in s_rows] == [0, 1]
     assert all(r["width"] == 2 for r in s_rows)
     assert [r["output"] for r in s_rows] == [r["output"] for r in p_rows]
     for r in s_rows:

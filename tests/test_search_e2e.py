@@ -71,8 +71,10 @@ def test_cli_searcher_stream_json_and_registry(tmp_path):
                 "--registry", str(registry))
     assert r.returncode == 0, r.stderr
     lines = [json.loads(line) for line in r.stdout.splitlines()]
-    assert [row["index"] for row in lines[:-1]] == [0, 1, 2]
-    state = lines[-1]["searcher_state"]
+    assert [row["index"] for row in lines[:-2]] == [0, 1, 2]
+    state = lines[-2]["searcher_state"]  # then the run's summary, the last line
+    shares = lines[-1]["summary"]["step_shares"]
+    assert abs(shares["layerskip"] + shares["plain"] - 1) < 1e-3 and shares["ngram"] == shares["corpus"] == 0
     assert state["searcher"] == "conflayers" and state["objective"] == "acceptance"
     assert {"skip_set", "lambda", "iterations", "score", "plain_tokens_per_s"} <= set(state)
     if state["phase"] != "search":

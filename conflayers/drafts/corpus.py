@@ -65,10 +65,11 @@ BIG = 32  # edges kept in a state's list before they move to a dict
 MAGIC = b"CLSX"
 VERSION = 1
 SUFFIX = ".clsx"  # a saved index's file
+MAX_TOKENS_INDEXED = 1 << 20  # an index's default cap (the job's corpus_index.max_tokens_indexed)
 
 
 class SuffixIndex:
-    def __init__(self, max_tokens_indexed: int = 1 << 20, depth: int = 32, key: str = "",
+    def __init__(self, max_tokens_indexed: int = MAX_TOKENS_INDEXED, depth: int = 32, key: str = "",
                  min_prob: float = 0.1, slack: int = 2, min_match: int = 1):
         if max_tokens_indexed < 2:
             raise ValueError(f"max_tokens_indexed must be >= 2, got {max_tokens_indexed!r}")
@@ -338,7 +339,7 @@ class SuffixIndex:
 _HEAD = "<IIdiiI"
 
 
-def pack(outputs, key: str = "", max_tokens_indexed: int = 1 << 20, depth: int = 32, min_prob: float = 0.1,
+def pack(outputs, key: str = "", max_tokens_indexed: int = MAX_TOKENS_INDEXED, depth: int = 32, min_prob: float = 0.1,
          slack: int = 2, min_match: int = 1) -> bytes:
     """Outputs (token lists, oldest first) and an index's parameters as bytes: magic, version,
     ``key``, the body, its CRC. The coordinator pools outputs in this form without an automaton."""
