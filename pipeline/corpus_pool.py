@@ -5,8 +5,9 @@ An actor writes one file per batch, ``<output.path>/corpus_pool/<batch file name
 The coordinator passes only the files' addresses and token counts between actors
 (``Coordinator.corpus_put`` / ``corpus_since``): no output crosses its mailbox, and its loss loses
 no output. At the end of the run the driver reads the pool newest first, at most
-``corpus_index.max_tokens_indexed`` tokens per dataset, and merges it into the saved indexes
-(``pipeline.corpus.save_pooled``), whether or not the coordinator survived.
+``corpus_index.max_tokens_indexed`` tokens per dataset, merges it into the saved indexes
+(``pipeline.corpus.save_pooled``), whether or not the coordinator survived, and removes it (so a
+rerun does not merge it twice; a killed run's pool is merged by the next run's end).
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ def read_batch(cfg, address: str, dataset: str, key: str) -> list[array]:
         log.warning("pooled outputs %s unreadable (%s): skipped", address, e)
         return []
     return [array("i", r["tokens"]) for r in t.to_pylist() if r["dataset"] == dataset and r["key"] == key]
+
+
+def clear(cfg) -> None:
+    """Remove the run's pool: after the driver merged it into the saved indexes (a pool left by a killed run
+    is merged by the next run's end instead), or when a run starts over (``output.resume=false``)."""
+    fs, p = storage_io.filesystem(cfg.storage, pool_path(cfg))
+    if fs.exists(p):
+        fs.rm(p, recursive=True)
 
 
 def read_pool(cfg, cap: int) -> dict[str, tuple[str, list]]:

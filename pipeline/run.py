@@ -45,6 +45,7 @@ from .config import PipelineConfig, validate
 from .coordinator import start_coordinator
 from .memory import actor_memory
 from .corpus import corpus_dir, save_pooled, uses_corpus
+from .corpus_pool import clear as clear_pool
 from .corpus_pool import read_pool
 from .metrics import MetricsAccumulator, metrics_table, summary_table
 from .progress import JobProgress
@@ -240,6 +241,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
     files = storage_io.list_input_files(cfg.storage, cfg.input.path)
     if not cfg.output.resume:
         _clear_generations(cfg)
+        clear_pool(cfg)
     gpu = _uses_gpu(cfg)
     inputs = input_dataset(cfg, files)
     _check_room(cfg, gpu)
@@ -336,6 +338,7 @@ def run(cfg: PipelineConfig) -> list[dict]:
     if merged:
         log.info("merged %d skip set(s) into the registry %s", merged, cfg.search.registry)
     saved = save_pooled(cfg, read_pool(cfg, cfg.corpus_index.max_tokens_indexed)) if uses_corpus(cfg) else 0
+    clear_pool(cfg)  # merged: a rerun must not merge it again
     if saved:
         log.info("saved %d corpus index(es) under %s", saved, corpus_dir(cfg))
     print(summary_table(metrics), flush=True)

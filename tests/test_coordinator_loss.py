@@ -120,6 +120,7 @@ def test_the_coordinator_sigkilled_during_the_final_merge(ray_local, tiny_dir, t
     metrics = run(cfg)
     rows = _check_outputs(metrics, tmp_path / "out", ids)
     assert _saved_outputs(tmp_path / "corpus") == len(ids)
+    assert not (tmp_path / "out" / "corpus_pool").exists()  # merged, then removed: a rerun cannot merge it twice
     text = _warnings(caplog)
     assert "SIGKILLing the coordinator" in text
     assert "skip-set statistics of dataset(s) alpha, beta" in text and "start-up info of 1 actor(s)" in text
