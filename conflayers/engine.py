@@ -19,6 +19,8 @@ rows in flight, in one slot cache (``kv.KVState``). Each round of the loop:
 
 from __future__ import annotations
 
+import functools
+import logging
 import threading
 import time
 from collections import Counter
@@ -29,6 +31,7 @@ import torch
 
 from .accept import accept_greedy, accept_sampled, commit
 from .attention import use_packed_attention
+from .compiled import COMPILE, CompiledSteps, CompileError
 from .drafts.seam import DraftContext, Drafter, NoDrafter, StepOutcome
 from .kernels import apply_kernels
 from .kv import KVState, kv_bytes_per_token
@@ -37,6 +40,8 @@ from .sampling import SamplingParams, sample, warp
 from .steps import StaticSteps
 
 STEPS = ("dynamic", "static")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -159,15 +164,29 @@ class Engine:
     ``steps`` is how verify/decode steps are shaped: ``dynamic`` (default) = each step in its exact
     shape, ``static`` = in bucketed shapes with in-place input buffers (``conflayers.steps``: what a CUDA
     graph can replay; eagerly it only adds padding work). The tokens are the same either way.
+
+    ``compile``: ``on`` = decode/verify steps with compiled decoder layers (``conflayers.compiled``; the
+    model goes on the ``native`` kernel plan), compiled here; ``off`` = eager; ``auto`` (default) = eager
+    until ``costs.compile.choose_compile`` measures, at the width a run will use, whether compiled steps
+    are faster here and pay back their compile time, and switches them on if so. A compile that fails
+    leaves the engine eager, with one warning naming the cause.
     """
 
-    def __init__(self, model, kernels: str = "auto", steps: str = "dynamic"):
+    def __init__(self, model, kernels: str = "auto", steps: str = "dynamic", compile: str = "auto"):
         if steps not in STEPS:
             raise ValueError(f"steps must be one of {', '.join(STEPS)}, got {steps!r}")
+        if compile not in COMPILE:
+            raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {compile!r}")
         self.steps = steps
+        self.compile = compile
+        self.kernels = kernels  # the plan asked for (compiled steps run on native linears)
+        self.compiled: CompiledSteps | None = None
+        self.compile_error: str | None = None  # why compiled steps are off, after a failed compile
         self.model = model.eval()
         self.n_layers = num_layers(model)  # also rejects unsupported architectures
-        self.kernel_plan = apply_kernels(model, kernels)
+        if compile == "on" and kernels == "onednn":
+            raise ValueError("compiled steps run on native linears: kernels='onednn' and compile='on' exclude each other")
+        self.kernel_plan = apply_kernels(model, "native" if compile == "on" else kernels)
         self.attention = use_packed_attention(model)
         self.device = next(model.parameters()).device
         self.context = context_length(model)
@@ -177,6 +196,42 @@ class Engine:
         self.extra_slots = 0 if steps == "dynamic" else 1  # static steps' scratch slot: in the KV budget too
         self._idle_static: StaticSteps | None = None
         self._idle_lock = threading.Lock()
+        if compile == "on":
+            self.use_compiled()
+
+    # -- compiled steps ---------------------------------------------------------------------
+    def use_compiled(self) -> bool:
+        """Switch decode/verify steps to compiled decoder layers (compiles now: seconds to a minute on a
+        CPU, cached on disk for the next start). Returns False, leaving the engine eager and saying why
+        in one warning, where they cannot run."""
+        if self.compiled is not None:
+            return True
+        if self.steps != "dynamic":
+            why = "compiled steps run on dynamic-shape steps (captured static steps wait for a GPU run)"
+        else:
+            self.kernel_plan = apply_kernels(self.model, "native")
+            try:
+                compiled = CompiledSteps(self.model)
+                seconds = compiled.prepare(lambda w: self.step_cache(w, columns=64, context=16)[0])
+            except CompileError as e:
+                why = str(e)
+                self.kernel_plan = apply_kernels(self.model, self.kernels)
+            else:
+                self.compiled = compiled
+                log.info("compiled steps (rows 1 / several, q 1 / several) in %.1f s", seconds)
+                return True
+        self.compile_error = why
+        log.warning("compiled steps are off, decoding eagerly: %s", why)
+        return False
+
+    def use_eager(self, kernels: str | None = None) -> None:
+        """Back to eager steps on the kernel plan ``kernels`` (default: the one asked for)."""
+        self.compiled = None
+        self.kernel_plan = apply_kernels(self.model, kernels or self.kernels)
+
+    def verify_step(self, kv: KVState) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The decode/verify step this engine runs over ``kv``'s decode rows (dynamic steps)."""
+        return kv.forward if self.compiled is None else functools.partial(self.compiled.forward, kv)
 
     def step_cache(self, slots: int, columns: int = 16,
                    context: int | None = None) -> tuple[KVState, Callable[[torch.Tensor], torch.Tensor]]:
@@ -186,7 +241,7 @@ class Engine:
         row of ``context`` cached tokens (what they hold does not change a step's cost)."""
         if self.steps == "dynamic":
             kv = KVState(self.model, slots=slots, columns=columns)
-            step = kv.forward
+            step = self.verify_step(kv)
         else:
             steps = StaticSteps(KVState(self.model, slots=slots, columns=columns, scratch_slot=True))
             kv, step = steps.kv, steps.forward
@@ -335,7 +390,7 @@ class Engine:
             kv, verify = steps.kv, steps.forward
         else:
             kv = KVState(self.model, slots=max_batch)
-            verify = kv.forward
+            verify = self.verify_step(kv)
         kv.max_columns = column_limit
         # for benchmarks: the cache's final size and where the time went. decode = draft + verify (until the
         # step's kernels are issued; on a GPU they may still run), then sync (waiting for its results), rows

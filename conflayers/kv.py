@@ -26,6 +26,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .attention import NAME as PACKED_SDPA
+from .compiled import base_attention
 from .layers import num_layers
 
 
@@ -114,7 +115,7 @@ class KVState:
         self.write_index: tuple[torch.Tensor, torch.Tensor] | None = None
         self.read_len = 0
         # eager attention adds the mask to the scores; SDPA (the default) also accepts booleans
-        self.additive_mask = getattr(model.config, "_attn_implementation", "eager") not in ("sdpa", PACKED_SDPA)
+        self.additive_mask = base_attention(model) not in ("sdpa", PACKED_SDPA)
 
     def reserve(self, columns: int) -> None:
         """Make room for rows of ``columns`` positions now (one allocation instead of doublings)."""

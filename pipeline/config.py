@@ -16,6 +16,7 @@ FILE_FORMATS = ("auto", "jsonl", "parquet", "csv")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 KERNELS = ("auto", "native", "onednn")  # conflayers.kernels.KERNELS (kept import-free for the driver)
+COMPILE = ("auto", "on", "off")  # conflayers.compiled.COMPILE
 
 
 @dataclass
@@ -90,6 +91,8 @@ class EngineConfig:
     prefill_tokens: int = 512  # tokens per prefill forward of joining rows (a decode step runs between chunks)
     threads: Optional[int] = None  # torch threads per CPU actor; None: ray.num_cpus_per_actor, or on a local
     # cluster the job starts itself, the machine's cores shared among the actors
+    compile: str = "auto"  # compiled decode/verify steps: auto (measured at the actor's width, and only where the
+    # run is long enough to pay back compiling) | on | off (conflayers.compiled)
 
 
 @dataclass
@@ -173,6 +176,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     check(cfg.model.device in DEVICES, "model.device", f"must be one of {DEVICES}, got {cfg.model.device!r}")
     check(bool(cfg.model.source), "model.source", "must not be empty")
     check(cfg.model.kernels in KERNELS, "model.kernels", f"must be one of {KERNELS}, got {cfg.model.kernels!r}")
+    check(cfg.engine.compile in COMPILE, "engine.compile", f"must be one of {COMPILE}, got {cfg.engine.compile!r}")
+    check(not (cfg.engine.compile == "on" and cfg.model.kernels == "onednn"), "engine.compile",
+          "on runs native linears: it excludes model.kernels: onednn")
     check(cfg.input.format in FORMATS, "input.format", f"must be one of {FORMATS}, got {cfg.input.format!r}")
     check(cfg.input.file_format in FILE_FORMATS, "input.file_format",
            f"must be one of {FILE_FORMATS}, got {cfg.input.file_format!r}")

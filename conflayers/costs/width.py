@@ -62,12 +62,14 @@ def device_name(device: torch.device) -> str:
 
 
 def engine_key(engine) -> str:
-    """What a timing depends on: model, layers, width, dtype, device, kernel plan, attention, threads."""
+    """What a timing depends on: model, layers, width, dtype, device, kernel plan, attention, threads, and
+    the step mode (static shapes, compiled layers)."""
     cfg = engine.model.config
     return "|".join([getattr(engine.model, "name_or_path", "") or cfg.model_type, f"L{engine.n_layers}",
                      f"H{cfg.hidden_size}", str(next(engine.model.parameters()).dtype), device_name(engine.device),
                      engine.kernel_plan.name, getattr(engine, "attention", ""), f"threads{torch.get_num_threads()}"]
-                    + ([f"steps-{engine.steps}"] if getattr(engine, "steps", "dynamic") != "dynamic" else []))
+                    + ([f"steps-{engine.steps}"] if getattr(engine, "steps", "dynamic") != "dynamic" else [])
+                    + (["compiled"] if getattr(engine, "compiled", None) is not None else []))
 
 
 def default_cache_file() -> Path:

@@ -1,0 +1,227 @@
+"""Compiled steps: the decode and verify steps with each decoder layer compiled once, reused by every layer.
+
+An eager step dispatches every small op of every decoder layer from Python (SmolLM2: 30 layers x
+~25 ops); on a CPU at small widths, and on a GPU at any width, that host work is most of the step.
+``CompiledSteps`` runs the same step with the decoder layer's ``forward`` compiled by
+``torch.compile`` (inductor: fused C++ loops on a CPU, Triton kernels on CUDA) — regional
+compilation: one compiled layer serves all layers, since the layers differ only in their weights,
+which the compiled code takes as inputs. Compile time is that of one layer, not of the model.
+
+What makes the layer compile once, with no recompiles as the step changes shape:
+
+- **no Python state per step inside the region.** The compiled layer never sees the engine's
+  ``Cache`` object (whose slot ranges and read lengths change every step): the model is called with
+  ``cache=None`` and the keys and values are written and read by ``slot_attention``, the attention
+  function the model runs while steps are compiled. Each layer gets its slot storage as an argument
+  (bound before the step, unbound after: storage is an input like any other, of dynamic shape, not
+  a module attribute, which dynamo would take as static), writes each row's new keys and values at
+  the row's positions (``position_ids``), and attends over the first ``C`` columns of the decode
+  rows' slots, ``C`` the mask's width. The write positions, the rows and ``C`` are all tensor
+  inputs or their shapes;
+- **dynamic shapes**: rows, query length, columns and the storage's size are symbolic, each its own
+  symbol (no "duck" shapes: a width that happens to equal the slot count, or a column count equal
+  to the hidden size, must not tie the two). PyTorch still specialises sizes 0 and 1, so a layer
+  compiles four times: rows 1 or more, q 1 or more (plain decoding at width 1 is the
+  matrix-vector case, worth its own code);
+- **native linears**: inductor lowers ``nn.Linear``; the oneDNN plan's packed weights are opaque to
+  it, so compiled steps run on the ``native`` plan (``Engine`` switches the model to it).
+
+Prefill chunks and layer-skip draft passes stay eager (a prefill is one call per chunk; a draft pass
+bypasses layers, a different program), through the same ``KVState`` storage.
+
+``prepare()`` compiles all four variants at once (bounded, logged), checks the compiled step against
+the eager one on a probe, and falls back to eager with one warning naming the cause if anything fails
+(no C++ compiler, an op inductor cannot lower, a mismatch). Inductor's caches live under
+``$CONFLAYERS_CACHE/inductor`` (``TORCHINDUCTOR_CACHE_DIR``), so a second start on the machine
+reuses the compiled kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+from torch.fx.experimental import _config as _shape_config
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .layers import decoder_layers
+
+log = logging.getLogger(__name__)
+
+NAME = "conflayers_slot_attention"
+COMPILE = ("auto", "on", "off")
+_KV = "conflayers_slot_kv"  # the layer kwarg that carries its slot storage (keys, values) into a compiled step
+_BASE = "_conflayers_base_attention"  # on each attention module: the attention function it ran before
+
+
+def cache_dir() -> str:
+    from .costs.width import default_cache_file
+
+    return str(default_cache_file().parent / "inductor")
+
+
+def slot_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """The model's attention while steps are compiled: inside a compiled step (the layer's slot storage
+    passed as ``conflayers_slot_kv``), write the new keys/values into it and attend over the decode
+    rows' first ``C`` columns (``C`` the mask's width); otherwise exactly the attention the model ran
+    before."""
+    slot_kv = kwargs.pop(_KV, None)
+    if slot_kv is None:
+        return getattr(module, _BASE)(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    ks, vs = slot_kv
+    pos = kwargs["position_ids"]  # [B, q]: each new token's column in its row's slot
+    b, h, q, d = query.shape
+    rows = torch.arange(b, device=pos.device)[:, None].expand_as(pos)
+    ks[rows, :, pos] = key.transpose(1, 2)
+    vs[rows, :, pos] = value.transpose(1, 2)
+    c = attention_mask.shape[-1]
+    key, value = ks[:b, :, :c], vs[:b, :, :c]
+    # grouped-query attention without copying the cache: the query heads that share a key/value head
+    # are stacked along the query axis (as conflayers.attention.packed_sdpa), for every q
+    n_rep = h // key.shape[1]
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, h // n_rep, n_rep * q, d), key, value, attn_mask=attention_mask.repeat(1, 1, n_rep, 1),
+        scale=scaling)
+    return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(NAME, slot_attention)
+
+
+def _base_attention(model):
+    """The attention function the model runs now (the registered one, or its family's eager one)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    if impl in ALL_ATTENTION_FUNCTIONS:
+        return impl, ALL_ATTENTION_FUNCTIONS[impl]
+    layer = decoder_layers(model)[0]
+    return impl, sys.modules[type(layer.self_attn).__module__].eager_attention_forward
+
+
+def use_slot_attention(model) -> str:
+    """Switch the model to ``slot_attention`` (in place; a pass-through outside compiled steps);
+    returns the attention implementation it ran before."""
+    current = getattr(model.config, "_attn_implementation", None)
+    if current == NAME:
+        return model.config._conflayers_base_attention
+    impl, fn = _base_attention(model)
+    for layer in decoder_layers(model):
+        attn = layer.self_attn
+        attn.__dict__[_BASE] = fn
+    model.config._conflayers_base_attention = impl
+    model.set_attn_implementation(NAME)
+    return impl
+
+
+def base_attention(model) -> str:
+    """The attention implementation under ``slot_attention`` (or the one in effect)."""
+    impl = getattr(model.config, "_attn_implementation", None) or "eager"
+    return model.config._conflayers_base_attention if impl == NAME else impl
+
+
+class CompileError(RuntimeError):
+    pass
+
+
+class CompiledSteps:
+    """Decode/verify steps over a ``KVState``'s decode rows with compiled decoder layers.
+
+    ``forward(kv, tokens)`` is ``kv.forward(tokens)`` for the decode rows (the tokens' keys and
+    values pending in the cache afterwards). Build with ``CompiledSteps(model)``, then ``prepare()``
+    once (compiles; raises ``CompileError`` naming the cause)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.layers = list(decoder_layers(model))
+        use_slot_attention(model)
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir())
+        layer_cls = type(self.layers[0])
+        self._compiled = torch.compile(layer_cls.forward, dynamic=True, fullgraph=True)
+        # four variants per layer class, dtype and width of the model: room for a few models in one process
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.compile_seconds: float | None = None
+        self.failed: str | None = None  # why a compiled step failed mid-run (steps are eager from then on)
+
+    @contextmanager
+    def _bound(self, kv):
+        """The decoder layers run compiled, on ``kv``'s storage, for the block."""
+        for layer, slot in zip(self.layers, kv.layers):
+            layer.forward = functools.partial(self._compiled, layer, **{_KV: (slot.keys, slot.values)})
+        try:
+            yield
+        finally:
+            for layer in self.layers:
+                layer.__dict__.pop("forward", None)
+
+    def forward(self, kv, tokens: torch.Tensor) -> torch.Tensor:
+        b, q = tokens.shape
+        if b != kv.n:
+            raise ValueError(f"{b} token rows for {kv.n} decode rows")
+        if self.failed or not kv.layers[0].is_initialized:  # nothing prefilled yet: the eager path allocates
+            return kv.forward(tokens)
+        offsets = kv.lengths[:b] + kv.pending
+        positions = offsets[:, None] + torch.arange(q, device=tokens.device)[None, :]
+        kv_len = int(offsets.max()) + q
+        kv.ensure_columns(kv_len)
+        mask = kv.attention_mask(positions, kv_len)
+        try:
+            with self._bound(kv), _shape_config.patch(use_duck_shape=False):
+                logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
+                                    use_cache=False).logits
+        except Exception as e:  # a shape it cannot compile for, say: this step and every later one run eagerly
+            if self.compile_seconds is None:
+                raise  # while preparing: prepare() reports it
+            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+            log.warning("a compiled step failed (%s): decoding eagerly from here", self.failed)
+            return kv.forward(tokens)  # what it wrote is rewritten at the same columns
+        kv.pending += q
+        return logits
+
+    def prepare(self, make_kv, widths=(1, 2), qs=(1, 2)) -> float:
+        """Compile every variant (rows 1 / several, q 1 / several) on probe caches from ``make_kv(slots)``
+        and check each compiled step against the eager step; returns the seconds it took."""
+        t0 = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                for w in widths:
+                    for q in qs:
+                        kv = make_kv(w)
+                        tokens = torch.arange(1, 1 + w * q, device=kv.device).reshape(w, q) % 7 + 1
+                        got = self.forward(kv, tokens)
+                        got_kv = _written(kv, w, q)
+                        kv.rollback()
+                        want = kv.forward(tokens)
+                        want_kv = _written(kv, w, q)
+                        kv.rollback()
+                        # a check that the compiled step computes the same thing (a fused kernel sums in
+                        # another order: not bit for bit), relative to the values' scale
+                        tol = 1e-3 if kv.dtype in (torch.float32, torch.float64) else 5e-2
+                        for what, a, b in (("logits", got, want), ("cached keys", got_kv, want_kv)):
+                            err = (a.double() - b.double()).abs().max().item()
+                            scale = 1.0 + b.double().abs().max().item()
+                            if not err <= tol * scale:
+                                raise CompileError(f"the compiled step's {what} differ from the eager step's by "
+                                                   f"{err:.3g} (rows {w}, q {q})")
+        except CompileError:
+            raise
+        except Exception as e:  # inductor's and dynamo's failures are of many kinds: each means "stay eager"
+            msg = str(e).strip().splitlines()
+            raise CompileError(f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]) from e
+        self.compile_seconds = time.perf_counter() - t0
+        return self.compile_seconds
+
+
+def _written(kv, rows: int, q: int) -> torch.Tensor:
+    """The keys a step of ``q`` tokens just wrote for ``rows`` decode rows, first and last layer."""
+    out = []
+    for layer in (kv.layers[0], kv.layers[-1]):
+        for b in range(rows):
+            start = int(kv.lengths[b])
+            out.append(layer.keys[b, :, start : start + q].clone())
+    return torch.stack(out)
