@@ -137,7 +137,7 @@ def resolve_device(device: str) -> str:
 
 class GenerationActor:
     def __init__(self, cfg: PipelineConfig, coordinator: str | None = None, namespace: str | None = None,
-                 row_tokens: int | None = None, lanes: int | None = None):
+                 row_tokens: int | None = None, lanes: int | None = None, expected_rows: int | None = None):
         """``row_tokens``: KV positions a row may need (default: ``generation.max_tokens`` + 1024);
         ``lanes``: a server's decode lanes, which share the KV budget (always set then: half of free
         memory unless ``engine.kv_cache_gb``), each getting an equal part."""
@@ -161,7 +161,7 @@ class GenerationActor:
             hf_logging.disable_progress_bar()
         self.model, self.tokenizer = load_model(m.source, m.dtype, self.device, allow_pickle=m.allow_pickle,
                                                 trust_remote_code=m.trust_remote_code, revision=m.revision)
-        self.engine = Engine(self.model, cfg.model.kernels)
+        self.engine = Engine(self.model, cfg.model.kernels, compile=cfg.engine.compile)
         e = cfg.engine
         self.kv_budget = None if e.kv_cache_gb is None else int(e.kv_cache_gb * 2**30)
         if lanes:
@@ -174,11 +174,19 @@ class GenerationActor:
             from conflayers.costs.width import choose_width
 
             choice = choose_width(self.engine, self.kv_budget, row_tokens=row_tokens)
-            self.width = choice.width
+            self.width, eager_tps = choice.width, choice.tokens_per_s[choice.width]
             log.warning("actor width %d (auto; measured plain decode tok/s by width: %s)", self.width,
                         {w: round(v, 1) for w, v in choice.tokens_per_s.items()})
         else:
-            self.width = int(e.max_batch)
+            self.width, eager_tps = int(e.max_batch), None
+        if e.compile == "auto" and (expected_rows or lanes):  # compiled steps where they are faster at this width
+            # and the run pays back compiling (a server's run is open-ended; a run of unknown size stays eager)
+            from conflayers.costs.compile import choose_compile
+
+            compiled = choose_compile(self.engine, self.width, expected_rows and expected_rows * cfg.generation.max_tokens,
+                                      eager_tokens_per_s=eager_tps)
+            log.warning("actor steps: %s (%s)", "compiled" if compiled.compiled else f"eager, {compiled.kernels} kernels",
+                        compiled.reason)
         self.model_id = model_identity(self.model)
         self.actor_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.policies: dict[str, object] = {}
