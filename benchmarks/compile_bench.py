@@ -147,7 +147,7 @@ def plot(steps: dict, path: Path) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--widths", default="1,2,4,8,16,32,64,128")
-    ap.add_argument("--qs", default="2,4,8", help="verify lengths measured at widths 1, 8, 32")
+    ap.add_argument("--qs", default="2,4,5,8", help="verify lengths measured at widths 1, 8, 32")
     ap.add_argument("--context", type=int, default=200)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)

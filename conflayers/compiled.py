@@ -46,6 +46,7 @@ import time
 from contextlib import contextmanager
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.fx.experimental import _config as _shape_config
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -61,9 +62,9 @@ _BASE = "_conflayers_base_attention"  # on each attention module: the attention 
 
 
 def cache_dir() -> str:
-    from .costs.width import default_cache_file
-
-    return str(default_cache_file().parent / "inductor")
+    """``$CONFLAYERS_CACHE/inductor`` (default ``~/.cache/conflayers/inductor``)."""
+    base = os.environ.get("CONFLAYERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "conflayers")
+    return os.path.join(base, "inductor")
 
 
 def slot_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
@@ -93,6 +94,10 @@ def slot_attention(module, query, key, value, attention_mask, dropout: float = 0
 
 
 AttentionInterface.register(NAME, slot_attention)
+# inductor's on-disk caches beside the project's others, unless the user chose a place (importing torch
+# already filled in inductor's default, /tmp/torchinductor_<user>, which is cleared on reboot)
+if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache_dir()
 
 
 def _base_attention(model):
@@ -140,7 +145,6 @@ class CompiledSteps:
         self.model = model
         self.layers = list(decoder_layers(model))
         use_slot_attention(model)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", cache_dir())
         layer_cls = type(self.layers[0])
         self._compiled = torch.compile(layer_cls.forward, dynamic=True, fullgraph=True)
         # four variants per layer class, dtype and width of the model: room for a few models in one process

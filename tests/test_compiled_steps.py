@@ -67,7 +67,8 @@ def test_one_compile_serves_every_layer_width_and_length(compiled):
     before = counters["stats"]["unique_graphs"]
     cfg = GenerationConfig(max_new_tokens=30, stop_token_ids=())
     for width in (2, 5, 8):
-        engine.generate([list(range(1, 40 + 9 * width))] * 9, cfg, drafters(model, "ngram"), max_batch=width)
+        prompt = [1 + i % 90 for i in range(40 + 9 * width)]
+        engine.generate([prompt] * 9, cfg, drafters(model, "ngram"), max_batch=width)
     assert counters["stats"]["unique_graphs"] == before
     assert not engine.compiled.failed
     assert model.config._attn_implementation == NAME

@@ -7,4 +7,6 @@
   conflayers.costs.calibrate`` prints it and draws a heatmap).
 - ``width``: ``choose_width``, how many rows to keep in flight within a KV budget.
 - ``forecast``: replays the continuous-batching loop on a surface (the cost job's predictions).
+- ``compile``: ``choose_compile``, whether compiled steps pay at a run's width and length (and which
+  kernel plan is fastest eagerly).
 """
