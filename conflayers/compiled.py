@@ -22,16 +22,26 @@ What makes the layer compile once, with no recompiles as the step changes shape:
   symbol (no "duck" shapes: a width that happens to equal the slot count, or a column count equal
   to the hidden size, must not tie the two). PyTorch still specialises sizes 0 and 1, so a layer
   compiles four times: rows 1 or more, q 1 or more (plain decoding at width 1 is the
-  matrix-vector case, worth its own code);
-- **native linears**: inductor lowers ``nn.Linear``; the oneDNN plan's packed weights are opaque to
-  it, so compiled steps run on the ``native`` plan (``Engine`` switches the model to it).
+  matrix-vector case, worth its own code). The probes that compile them have more slots than rows,
+  so the storage's size is never compiled in as a 1;
+- **no guard check per call**: each variant is compiled ahead of time (``aot_compile``) and called
+  with its guards off. Dynamo's per-call guard check and frame handling cost ~0.17 ms a layer call on
+  this project's CPU, about what the fused kernels save: with 30 layers a step that is as much as the
+  whole gain. The variant is picked here from the rows and tokens, and the layers are checked to be
+  alike (``_layer_signature``: one whose attributes differ, say a sliding-window layer among global
+  ones, fails the compile instead of running another layer's code);
+- **the kernel plan's linears**: on the ``onednn`` plan the compiled layer calls the prepacked oneDNN
+  kernels (``conflayers::packed_linear``, see ``conflayers.kernels``); on ``native`` inductor lowers
+  the linears itself. The linears are most of a small-width step on a CPU (the weights stream from
+  memory), so compiled steps win only on the plan that is fastest eagerly.
 
 Prefill chunks and layer-skip draft passes stay eager (a prefill is one call per chunk; a draft pass
 bypasses layers, a different program), through the same ``KVState`` storage.
 
 ``prepare()`` compiles all four variants at once (bounded, logged), checks the compiled step against
 the eager one on a probe, and falls back to eager with one warning naming the cause if anything fails
-(no C++ compiler, an op inductor cannot lower, a mismatch). Inductor's caches live under
+(no C++ compiler, an op inductor cannot lower, a mismatch). A step that fails mid-run (an input the
+unguarded code cannot take) is rerun eagerly, and so is every later one, with one warning. Inductor's caches live under
 ``$CONFLAYERS_CACHE/inductor`` (``TORCHINDUCTOR_CACHE_DIR``), so a second start on the machine
 reuses the compiled kernels.
 """
@@ -39,18 +49,22 @@ reuses the compiled kernels.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.fx.experimental import _config as _shape_config
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .kernels import current_plan
 from .layers import decoder_layers
 
 log = logging.getLogger(__name__)
@@ -134,6 +148,22 @@ class CompileError(RuntimeError):
     pass
 
 
+def _variant(rows: int, q: int) -> tuple[bool, bool]:
+    return rows > 1, q > 1
+
+
+def _layer_signature(layer) -> dict:
+    """The plain attributes (numbers, strings, flags) of a decoder layer and its submodules, but its
+    index: what the compiled layer specialises on, so every layer must share it to share the code."""
+    sig = {}
+    for name, module in layer.named_modules():
+        for key, value in vars(module).items():
+            if key.startswith("_") or key == "layer_idx" or not isinstance(value, (bool, int, float, str, type(None), tuple)):
+                continue
+            sig[f"{name}.{key}" if name else key] = value
+    return sig
+
+
 class CompiledSteps:
     """Decode/verify steps over a ``KVState``'s decode rows with compiled decoder layers.
 
@@ -144,24 +174,53 @@ class CompiledSteps:
     def __init__(self, model):
         self.model = model
         self.layers = list(decoder_layers(model))
+        first = _layer_signature(self.layers[0])
+        for i, layer in enumerate(self.layers[1:], 1):
+            sig = _layer_signature(layer)
+            if sig != first:
+                diff = sorted(k for k in first.keys() | sig.keys() if first.get(k) != sig.get(k))
+                raise CompileError(f"decoder layer {i} differs from layer 0 in {', '.join(diff[:4])}: "
+                                   "one compiled layer cannot serve both")
         use_slot_attention(model)
-        layer_cls = type(self.layers[0])
-        self._compiled = torch.compile(layer_cls.forward, dynamic=True, fullgraph=True)
-        # four variants per layer class, dtype and width of the model: room for a few models in one process
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        self.kernels = current_plan(model).name  # the compiled layers call this plan's linears
+        self._variants: dict[tuple[bool, bool], object] = {}  # (rows > 1, q > 1) -> compiled layer forward
+        self._capture: dict | None = None
         self.compile_seconds: float | None = None
         self.failed: str | None = None  # why a compiled step failed mid-run (steps are eager from then on)
+
+    def _layer_forward(self, layer, hidden_states, *args, **kwargs):
+        """What each decoder layer runs during a compiled step: its variant's compiled code; while
+        preparing, the eager layer, whose arguments are kept to compile the missing variant from."""
+        fn = self._variants.get(_variant(*hidden_states.shape[:2]))
+        if fn is not None:
+            return fn(layer, hidden_states, *args, **kwargs)
+        if self._capture is None:
+            raise RuntimeError(f"no compiled variant for {tuple(hidden_states.shape[:2])} (rows, tokens)")
+        self._capture.setdefault("args", ((layer, hidden_states, *args), kwargs))
+        return type(layer).forward(layer, hidden_states, *args, **kwargs)
 
     @contextmanager
     def _bound(self, kv):
         """The decoder layers run compiled, on ``kv``'s storage, for the block."""
         for layer, slot in zip(self.layers, kv.layers):
-            layer.forward = functools.partial(self._compiled, layer, **{_KV: (slot.keys, slot.values)})
+            layer.forward = functools.partial(self._layer_forward, layer, **{_KV: (slot.keys, slot.values)})
         try:
             yield
         finally:
             for layer in self.layers:
                 layer.__dict__.pop("forward", None)
+
+    def _run(self, kv, tokens: torch.Tensor) -> torch.Tensor:
+        b, q = tokens.shape
+        offsets = kv.lengths[:b] + kv.pending
+        positions = offsets[:, None] + torch.arange(q, device=tokens.device)[None, :]
+        kv_len = int(offsets.max()) + q
+        kv.ensure_columns(kv_len)
+        mask = kv.attention_mask(positions, kv_len)
+        with self._bound(kv):
+            logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=False).logits
+        kv.pending += q
+        return logits
 
     def forward(self, kv, tokens: torch.Tensor) -> torch.Tensor:
         b, q = tokens.shape
@@ -169,35 +228,72 @@ class CompiledSteps:
             raise ValueError(f"{b} token rows for {kv.n} decode rows")
         if self.failed or not kv.layers[0].is_initialized:  # nothing prefilled yet: the eager path allocates
             return kv.forward(tokens)
-        offsets = kv.lengths[:b] + kv.pending
-        positions = offsets[:, None] + torch.arange(q, device=tokens.device)[None, :]
-        kv_len = int(offsets.max()) + q
-        kv.ensure_columns(kv_len)
-        mask = kv.attention_mask(positions, kv_len)
+        pending = kv.pending
         try:
-            with self._bound(kv), _shape_config.patch(use_duck_shape=False):
-                logits = self.model(input_ids=tokens, attention_mask=mask, position_ids=positions,
-                                    use_cache=False).logits
-        except Exception as e:  # a shape it cannot compile for, say: this step and every later one run eagerly
+            return self._run(kv, tokens)
+        except Exception as e:  # a shape it cannot run, say: this step and every later one run eagerly
             if self.compile_seconds is None:
                 raise  # while preparing: prepare() reports it
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
             log.warning("a compiled step failed (%s): decoding eagerly from here", self.failed)
+            kv.pending = pending
             return kv.forward(tokens)  # what it wrote is rewritten at the same columns
-        kv.pending += q
-        return logits
+
+    def _compile_variant(self, kv, tokens: torch.Tensor) -> None:
+        """Compile the layer for ``tokens``' variant: run the step eagerly once to see the arguments the
+        model passes its layers, then compile ``forward`` for them ahead of time. Each variant's guards
+        are not checked per call (``disable_guard_check``): which variant runs is chosen here, by the
+        rows and tokens, and the layers are checked to share everything else (``_layer_signature``);
+        dynamo's per-call guard check would cost more than the fused kernels save."""
+        self._capture = {}
+        try:
+            self._run(kv, tokens)
+        finally:
+            kv.rollback()
+            captured, self._capture = self._capture.get("args"), None
+        args, kwargs = captured
+        variant = _variant(*tokens.shape)
+        path = self._artifact(variant, args[1].dtype, args[1].device)
+        compiled = _load(path, type(self.layers[0]).forward)
+        if compiled is None:
+            fn = torch.compile(type(self.layers[0]).forward, dynamic=True, fullgraph=True)
+            with torch._dynamo.config.patch(specialize_float=True), _shape_config.patch(use_duck_shape=False):
+                compiled = fn.aot_compile((args, kwargs))
+            _save(compiled, path, type(self.layers[0]).forward)
+        compiled.disable_guard_check()
+        self._variants[variant] = compiled
+
+    def _artifact(self, variant: tuple[bool, bool], dtype: torch.dtype, device: torch.device) -> str:
+        """Where a variant's compiled layer is kept between processes: named by everything it was
+        compiled from (torch and transformers versions, the layer's code and attributes, dtype, device,
+        kernel plan, variant, and this project's code that is traced into it)."""
+        import transformers
+
+        layer_cls = type(self.layers[0])
+        h = hashlib.sha256()
+        for part in (torch.__version__, transformers.__version__, layer_cls.__module__, layer_cls.__qualname__,
+                     repr(sorted(_layer_signature(self.layers[0]).items())), str(dtype), device.type, self.kernels,
+                     repr(variant)):
+            h.update(part.encode())
+        for mod in (sys.modules[layer_cls.__module__], sys.modules[__name__], sys.modules[current_plan.__module__]):
+            h.update(Path(mod.__file__).read_bytes())
+        return os.path.join(inductor_cache_dir(), "conflayers-steps", h.hexdigest()[:32] + ".bin")
 
     def prepare(self, make_kv, widths=(1, 2), qs=(1, 2)) -> float:
         """Compile every variant (rows 1 / several, q 1 / several) on probe caches from ``make_kv(slots)``
-        and check each compiled step against the eager step; returns the seconds it took."""
+        (``slots`` decode rows of a short context) and check each compiled step against the eager step; returns the seconds it took."""
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
                 for w in widths:
                     for q in qs:
-                        kv = make_kv(w)
+                        # more slots than decode rows, never 1: the storage's slot count must stay symbolic
+                        # (a size of 1 would be compiled in as a constant)
+                        kv = make_kv(w + 2)
+                        kv.n = w
                         tokens = torch.arange(1, 1 + w * q, device=kv.device).reshape(w, q) % 7 + 1
-                        got = self.forward(kv, tokens)
+                        self._compile_variant(kv, tokens)
+                        got = self._run(kv, tokens)
                         got_kv = _written(kv, w, q)
                         kv.rollback()
                         want = kv.forward(tokens)
@@ -219,6 +315,54 @@ class CompiledSteps:
             raise CompileError(f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]) from e
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
+
+
+def _functions(fn) -> dict:
+    """``fn`` and the functions it wraps (a decorated layer forward), by name: the compiled layer refers
+    to them, and they are not pickled but named (the loading process has its own)."""
+    out, i = {}, 0
+    while fn is not None:
+        out[f"fn{i}"] = fn
+        fn, i = getattr(fn, "__wrapped__", None), i + 1
+    return out
+
+
+def _load(path: str, forward):
+    """A compiled layer saved by an earlier process, or None (none saved, or it cannot be read back)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        from torch._dynamo.aot_compile import AOTCompiledFunction
+
+        class Unguarded(AOTCompiledFunction):
+            """Read back without its guards: they are never checked here (the variant is chosen by
+            ``CompiledSteps``), and some guard state (module trees) is not saved with the code."""
+
+            def __post_init__(self) -> None:
+                self._artifacts.check_compatibility()
+                self.fn = self._artifacts.runtime_env.forward_callable(
+                    self._artifacts.backend_id, self._artifacts.compiled_fn, extra_globals=self._extra_globals)
+
+            def __call__(self, *args, **kwargs):
+                return self.fn(*args, **kwargs)
+
+            def disable_guard_check(self) -> None:
+                pass
+
+        with open(path, "rb") as f:
+            return Unguarded.deserialize(f.read(), f_globals=forward.__globals__,
+                                                   external_closure_data=_functions(forward))
+    except Exception as e:  # another torch's format, a truncated file: compile anew (and overwrite it)
+        log.info("compiled layer %s not reused (%s: %s)", path, type(e).__name__, str(e)[:200])
+        return None
+
+
+def _save(compiled, path: str, forward) -> None:
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        compiled.save_compiled_function(path, external_data=_functions(forward))  # written to a temporary file and renamed
+    except Exception as e:  # not saved: the next start compiles again (inductor's own caches still help)
+        log.info("compiled layer not saved (%s: %s)", type(e).__name__, str(e)[:200])
 
 
 def _written(kv, rows: int, q: int) -> torch.Tensor:

@@ -165,8 +165,8 @@ class Engine:
     shape, ``static`` = in bucketed shapes with in-place input buffers (``conflayers.steps``: what a CUDA
     graph can replay; eagerly it only adds padding work). The tokens are the same either way.
 
-    ``compile``: ``on`` = decode/verify steps with compiled decoder layers (``conflayers.compiled``; the
-    model goes on the ``native`` kernel plan), compiled here; ``off`` = eager; ``auto`` (default) = eager
+    ``compile``: ``on`` = decode/verify steps with compiled decoder layers (``conflayers.compiled``, on
+    the kernel plan in effect), compiled here; ``off`` = eager; ``auto`` (default) = eager
     until ``costs.compile.choose_compile`` measures, at the width a run will use, whether compiled steps
     are faster here and pay back their compile time, and switches them on if so. A compile that fails
     leaves the engine eager, with one warning naming the cause.
@@ -179,14 +179,13 @@ class Engine:
             raise ValueError(f"compile must be one of {', '.join(COMPILE)}, got {compile!r}")
         self.steps = steps
         self.compile = compile
-        self.kernels = kernels  # the plan asked for (compiled steps run on native linears)
+        self.kernels = kernels  # the plan asked for
         self.compiled: CompiledSteps | None = None
+        self._compiled_by_plan: dict[str, CompiledSteps] = {}  # compiled once per kernel plan, kept across switches
         self.compile_error: str | None = None  # why compiled steps are off, after a failed compile
         self.model = model.eval()
         self.n_layers = num_layers(model)  # also rejects unsupported architectures
-        if compile == "on" and kernels == "onednn":
-            raise ValueError("compiled steps run on native linears: kernels='onednn' and compile='on' exclude each other")
-        self.kernel_plan = apply_kernels(model, "native" if compile == "on" else kernels)
+        self.kernel_plan = apply_kernels(model, kernels)
         self.attention = use_packed_attention(model)
         self.device = next(model.parameters()).device
         self.context = context_length(model)
@@ -208,24 +207,27 @@ class Engine:
             return True
         if self.steps != "dynamic":
             why = "compiled steps run on dynamic-shape steps (captured static steps wait for a GPU run)"
+        elif self.kernel_plan.name in self._compiled_by_plan:  # compiled before on this plan: its code still holds
+            self.compiled = self._compiled_by_plan[self.kernel_plan.name]
+            return True
         else:
-            self.kernel_plan = apply_kernels(self.model, "native")
             try:
                 compiled = CompiledSteps(self.model)
                 seconds = compiled.prepare(lambda w: self.step_cache(w, columns=64, context=16)[0])
             except CompileError as e:
                 why = str(e)
-                self.kernel_plan = apply_kernels(self.model, self.kernels)
             else:
-                self.compiled = compiled
-                log.info("compiled steps (rows 1 / several, q 1 / several) in %.1f s", seconds)
+                self.compiled = self._compiled_by_plan[compiled.kernels] = compiled
+                log.info("compiled steps (rows 1 / several, q 1 / several; %s linears) in %.1f s",
+                         compiled.kernels, seconds)
                 return True
         self.compile_error = why
         log.warning("compiled steps are off, decoding eagerly: %s", why)
         return False
 
     def use_eager(self, kernels: str | None = None) -> None:
-        """Back to eager steps on the kernel plan ``kernels`` (default: the one asked for)."""
+        """Back to eager steps on the kernel plan ``kernels`` (default: the one asked for). Compiled steps
+        made on a plan are kept: ``use_compiled`` on that plan again needs no new compile."""
         self.compiled = None
         self.kernel_plan = apply_kernels(self.model, kernels or self.kernels)
 

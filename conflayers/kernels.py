@@ -12,7 +12,13 @@ on AMD CPUs). The ``onednn`` plan packs every linear weight once into oneDNN's b
   storage), so resident memory does not grow; a weight shared with another module (the LM head tied
   to the token embedding) stays dense for that module and the head gets a packed copy of its own,
   which ``KernelPlan.extra_bytes`` reports;
-- ``restore_native(model)`` unpacks the weights back into dense parameters.
+- ``restore_native(model)`` unpacks the weights back into dense parameters;
+- inside a compiled step (``conflayers.compiled``) a packed layer runs the same kernel as the
+  custom op ``conflayers::packed_linear``: inductor cannot take oneDNN's opaque packed tensor as a
+  graph input (its own oneDNN lowering needs weights frozen into constants, one compile per layer),
+  so the graph takes the layer's ``weight`` parameter, whose ``_conflayers_packed`` attribute holds
+  the packed copy the op runs on. One compiled decoder layer thus serves every layer on prepacked
+  weights, and a new packing (the plan reapplied) needs no new compile.
 
 ``auto`` picks the fastest known path for the device and dtype: ``onednn`` for float32 / bfloat16 on
 a CPU with oneDNN, else ``native`` (CUDA keeps its default path; oneDNN has no float64 kernels).
@@ -22,6 +28,7 @@ Measured in ``benchmarks/kernel_bench.py``; the table is in ``docs/benchmarks/ke
 from __future__ import annotations
 
 import functools
+import types
 from dataclasses import dataclass
 
 import torch
@@ -92,13 +99,39 @@ def _onednn_runs(dtype: torch.dtype) -> bool:
         return False
 
 
-def _onednn_forward(packed: torch.Tensor, bias: torch.Tensor | None):
+_WEIGHT_PACKED = "_conflayers_packed_copy"  # on a packed layer's weight parameter: the packed copy
+
+_LIB = torch.library.Library("conflayers", "FRAGMENT")
+_LIB.define("packed_linear(Tensor x, Tensor weight, Tensor? bias, SymInt out_features) -> Tensor")
+
+
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out_features: int) -> torch.Tensor:
+    packed = getattr(weight, _WEIGHT_PACKED, None)
+    if packed is None:
+        raise RuntimeError("conflayers::packed_linear got a weight with no packed copy (the oneDNN plan is not "
+                           "in effect on this layer)")
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+_LIB.impl("packed_linear", _packed_linear, "CPU")
+
+
+@torch.library.register_fake("conflayers::packed_linear")
+def _packed_linear_fake(x, weight, bias, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _onednn_forward(module: torch.nn.Linear, packed: torch.Tensor, bias: torch.Tensor | None):
+    """The packed layer's forward: the oneDNN kernel called directly, or, while ``torch.compile`` traces
+    it, the same kernel as ``conflayers::packed_linear`` on the layer's weight parameter."""
     op = torch.ops.mkldnn._linear_pointwise
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return torch.ops.conflayers.packed_linear(x, self.weight, self.bias, self.out_features)
         return op(x, packed, bias, "none", [], "")
 
-    return forward
+    return types.MethodType(forward, module)
 
 
 def _shared_weight_ids(model) -> set[int]:
@@ -132,8 +165,9 @@ def apply_kernels(model, kernels: str = "auto") -> KernelPlan:
             weight = module.weight
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
             bias = None if module.bias is None else module.bias.detach()
-            module.forward = _onednn_forward(packed, bias)
+            module.forward = _onednn_forward(module, packed, bias)
             module.__dict__[_PACKED] = (packed, tuple(weight.shape), id(weight) in shared)
+            setattr(weight, _WEIGHT_PACKED, packed)
             if id(weight) in shared:
                 extra += weight.numel() * weight.element_size()
             else:  # release the dense copy: the packed one is all the forward reads
@@ -164,6 +198,8 @@ def restore_native(model) -> None:
             if entry is None:
                 continue
             packed, shape, shared = entry
+            if getattr(module.weight, _WEIGHT_PACKED, None) is packed:
+                delattr(module.weight, _WEIGHT_PACKED)
             if not shared:
                 module.weight.data = packed.to_dense().reshape(shape).to(module.weight.dtype)
             del module.forward

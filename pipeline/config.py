@@ -177,8 +177,6 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     check(bool(cfg.model.source), "model.source", "must not be empty")
     check(cfg.model.kernels in KERNELS, "model.kernels", f"must be one of {KERNELS}, got {cfg.model.kernels!r}")
     check(cfg.engine.compile in COMPILE, "engine.compile", f"must be one of {COMPILE}, got {cfg.engine.compile!r}")
-    check(not (cfg.engine.compile == "on" and cfg.model.kernels == "onednn"), "engine.compile",
-          "on runs native linears: it excludes model.kernels: onednn")
     check(cfg.input.format in FORMATS, "input.format", f"must be one of {FORMATS}, got {cfg.input.format!r}")
     check(cfg.input.file_format in FILE_FORMATS, "input.file_format",
            f"must be one of {FILE_FORMATS}, got {cfg.input.file_format!r}")

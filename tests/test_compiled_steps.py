@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conflayers import Engine, GenerationConfig, Request, SamplingParams
-from conflayers.compiled import NAME, CompiledSteps
+from conflayers.compiled import NAME, CompiledSteps, CompileError
 from conflayers.costs.compile import choose_compile, decide
 
 from .conftest import RAGGED, tiny_model
@@ -72,6 +72,36 @@ def test_one_compile_serves_every_layer_width_and_length(compiled):
     assert counters["stats"]["unique_graphs"] == before
     assert not engine.compiled.failed
     assert model.config._attn_implementation == NAME
+
+
+def test_a_second_start_reads_the_compiled_layers_back(compiled, monkeypatch, tmp_path):
+    """Each compiled variant is saved beside inductor's cache; a second start on the machine reads them
+    back (no torch.compile at all), checks them against eager as a compile would, and decodes the same
+    tokens. A file that cannot be read back means a fresh compile, not a failure."""
+    import os
+
+    import conflayers.compiled as compiled_mod
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    model, engine = compiled
+    saved = os.listdir(os.path.join(cache_dir(), "conflayers-steps"))
+    assert len(saved) >= 4
+
+    def no_compile(*a, **k):
+        raise AssertionError("compiled again instead of reading the saved layers back")
+
+    monkeypatch.setattr(compiled_mod.torch, "compile", no_compile)
+    steps = CompiledSteps(model)
+    steps.prepare(lambda w: engine.step_cache(w, columns=64, context=16)[0])
+    reader = Engine(model, compile="off")
+    reader.compiled = steps
+    cfg = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+    want = Engine(model, compile="off").generate(RAGGED, cfg, max_batch=3)
+    assert [r.token_ids for r in reader.generate(RAGGED, cfg, max_batch=3)] == [r.token_ids for r in want]
+    assert not steps.failed
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"not a compiled layer")
+    assert compiled_mod._load(str(bad), type(steps.layers[0]).forward) is None
 
 
 def test_the_attention_is_untouched_outside_compiled_steps(compiled):
@@ -141,9 +171,47 @@ def test_compile_auto_stays_eager_for_float64_and_short_runs(tmp_path):
     assert choice.cached and not choice.compiled and "not faster" in choice.reason
 
 
-def test_compile_on_and_onednn_exclude_each_other():
-    with pytest.raises(ValueError, match="native linears"):
-        Engine(tiny_model("llama", layers=2, dtype=torch.float32), kernels="onednn", compile="on")
+def test_compiled_steps_run_on_the_prepacked_onednn_linears():
+    """On the oneDNN plan the compiled layers call the packed kernels (``conflayers::packed_linear``):
+    the same logits as the eager packed step; a weight without its packed copy fails the compiled step,
+    which goes eager from then on and still gives the eager logits; going eager and back reuses the code."""
+    from conflayers.kernels import _WEIGHT_PACKED
+
+    model = tiny_model("llama", layers=2, dtype=torch.float32, std=0.2)
+    engine = Engine(model, kernels="onednn", compile="on")
+    assert engine.compiled is not None, engine.compile_error
+    assert engine.kernel_plan.name == "onednn" and engine.compiled.kernels == "onednn"
+    prompts = [RAGGED[0], RAGGED[1]]
+    with torch.inference_mode():
+        kv, _ = engine.prefill(prompts)
+        tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
+        got = engine.verify_step(kv)(tokens)
+        kv.rollback()
+        want = kv.forward(tokens)
+        kv.rollback()
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-4)
+        steps = engine.compiled
+        engine.use_eager()
+        assert engine.use_compiled() and engine.compiled is steps  # no second compile
+        weight = model.model.layers[1].mlp.down_proj.weight
+        packed = getattr(weight, _WEIGHT_PACKED)
+        delattr(weight, _WEIGHT_PACKED)
+        try:
+            again = engine.verify_step(kv)(tokens)
+        finally:
+            setattr(weight, _WEIGHT_PACKED, packed)
+        assert "no packed copy" in (steps.failed or "")
+        assert torch.allclose(again, want, rtol=1e-5, atol=1e-5)
+
+
+def test_layers_that_differ_are_not_compiled_as_one():
+    model = tiny_model("llama", layers=3)
+    model.model.layers[2].self_attn.scaling = 0.5
+    with pytest.raises(CompileError, match="layer 2 differs from layer 0 in self_attn.scaling"):
+        CompiledSteps(model)
+
+
+def test_a_bad_compile_setting_is_refused():
     with pytest.raises(ValueError, match="compile must be one of"):
         Engine(tiny_model("llama", layers=2), compile="bogus")
 

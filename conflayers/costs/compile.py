@@ -3,9 +3,10 @@ the kernel plan that is fastest eagerly, and against the run's length.
 
 ``choose_compile(engine, width, expected_tokens)`` (for ``compile: auto``) times one plain decode step
 at ``width`` on a synthetic cache three ways: eager on the ``native`` linears, eager on the
-``onednn`` plan (where it can run) and compiled (``conflayers.compiled``; native linears). It keeps
-the fastest eager plan, and compiled steps if they beat it by ``min_gain`` and, when the run's size is
-known, the decode time they save pays back what compiling costs on this machine. Both timings go in
+``onednn`` plan (where it can run), and compiled (``conflayers.compiled``) on whichever of the two
+was faster. It keeps that kernel plan, and compiled steps if they beat its eager step by ``min_gain``
+and, when the run's size is known, the decode time they save pays back what compiling costs on this
+machine. Both timings go in
 one log line. The measurement is cached with the compile seconds (the first compile on a machine is
 cold; later ones read inductor's on-disk cache) in ``compile.json`` beside the other caches, keyed by
 model, device, dtype, attention and threads, and width.
@@ -53,7 +54,7 @@ def compile_key(engine, width: int) -> str:
     cfg = engine.model.config
     return "|".join([getattr(engine.model, "name_or_path", "") or cfg.model_type, f"L{engine.n_layers}",
                      f"H{cfg.hidden_size}", str(next(engine.model.parameters()).dtype), device_name(engine.device),
-                     getattr(engine, "attention", ""), f"threads{torch.get_num_threads()}", f"w{width}"])
+                     getattr(engine, "attention", ""), f"threads{torch.get_num_threads()}", f"w{width}", "v2"])
 
 
 def decide(table: dict, expected_tokens: int | None, width: int, min_gain: float = 0.03) -> tuple[bool, str, str]:
@@ -115,6 +116,7 @@ def choose_compile(engine, width: int, expected_tokens: int | None = None, conte
                 continue
             eager_ms[plan] = measure_step_seconds(engine, width, context) * 1e3
         table = {"eager_ms": eager_ms}
+        engine.use_eager(min(eager_ms, key=eager_ms.get))  # compiled steps on the faster plan
         if engine.use_compiled():
             table["compiled_ms"] = measure_step_seconds(engine, width, context) * 1e3
             table["compile_seconds"] = engine.compiled.compile_seconds
@@ -122,7 +124,8 @@ def choose_compile(engine, width: int, expected_tokens: int | None = None, conte
             table["error"] = engine.compile_error
         _write_cache(path, key, table)
     on, plan, reason = decide(table, expected_tokens, width)
-    if on and engine.compiled is None:
+    if on and (engine.compiled is None or engine.kernel_plan.name != plan):
+        engine.use_eager(plan)
         if engine.use_compiled():  # from the cache: this compile's seconds (warm, most likely) price the next
             table["compile_seconds"] = engine.compiled.compile_seconds
             _write_cache(path, key, table)
