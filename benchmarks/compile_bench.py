@@ -13,6 +13,7 @@
    under ``torch.compile`` (``--hf``; its whole-model compile is minutes on 2 cores, so off by default).
 
     python benchmarks/compile_bench.py [--out docs/benchmarks/compile] [--widths 1,2,4,8,16,32,64,128] [--hf]
+    python benchmarks/compile_bench.py --only-compile-seconds --out docs/benchmarks/compile   # cold, warm, warm
 
 Writes ``table.md``, ``results.json`` and ``steps.png`` under ``--out`` when given.
 """
@@ -156,6 +157,8 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=48)
     ap.add_argument("--hf", action="store_true", help="also transformers' generate, eager and compiled (slow)")
     ap.add_argument("--no-compile-seconds", action="store_true")
+    ap.add_argument("--only-compile-seconds", action="store_true",
+                    help="measure compile seconds (cold, warm, warm) only; written to compile_seconds.json under --out")
     ap.add_argument("--out", help="directory for table.md, results.json and steps.png")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -165,6 +168,14 @@ def main():
     results = {"command": "python benchmarks/compile_bench.py " + shlex.join(sys.argv[1:]),
                "machine": f"{device_name(torch.device('cpu'))}, {os.cpu_count()} cores, {args.threads} torch threads",
                "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__}
+    if args.only_compile_seconds:
+        with tempfile.TemporaryDirectory() as cache:
+            results["compile_seconds"] = {"cold": compile_seconds(cache), "warm": [compile_seconds(cache) for _ in range(2)]}
+        print("compile seconds:", results["compile_seconds"], flush=True)
+        if args.out:
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / "compile_seconds.json").write_text(json.dumps(results, indent=1))
+        return
     if not args.no_compile_seconds:
         with tempfile.TemporaryDirectory() as cache:
             results["compile_seconds"] = {"cold": compile_seconds(cache), "warm": compile_seconds(cache)}

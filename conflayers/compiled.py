@@ -62,6 +62,7 @@ from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from torch.fx.experimental import _config as _shape_config
 from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .kernels import current_plan
@@ -107,7 +108,17 @@ def slot_attention(module, query, key, value, attention_mask, dropout: float = 0
     return out.reshape(b, h, q, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
+def slot_attention_mask(*args, config=None, **kwargs):
+    """The masks the model makes for itself under ``slot_attention`` (``generate`` on the same model, a
+    padded batch): the ones its attention made before the switch. Compiled steps pass their own."""
+    base = getattr(config, "_conflayers_base_attention", None)
+    if base not in ALL_MASK_ATTENTION_FUNCTIONS:  # an attention with no mask maker takes the mask as given
+        return kwargs.get("attention_mask")
+    return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, config=config, **kwargs)
+
+
 AttentionInterface.register(NAME, slot_attention)
+AttentionMaskInterface.register(NAME, slot_attention_mask)
 # inductor's on-disk caches beside the project's others, unless the user chose a place (importing torch
 # already filled in inductor's default, /tmp/torchinductor_<user>, which is cleared on reboot)
 if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, os.path.abspath(default_cache_dir())):
@@ -266,14 +277,15 @@ class CompiledSteps:
     def _artifact(self, variant: tuple[bool, bool], dtype: torch.dtype, device: torch.device) -> str:
         """Where a variant's compiled layer is kept between processes: named by everything it was
         compiled from (torch and transformers versions, the layer's code and attributes, dtype, device,
-        kernel plan, variant, and this project's code that is traced into it)."""
+        kernel plan, the attention under ``slot_attention`` (its mask's kind), variant, and this
+        project's code that is traced into it)."""
         import transformers
 
         layer_cls = type(self.layers[0])
         h = hashlib.sha256()
         for part in (torch.__version__, transformers.__version__, layer_cls.__module__, layer_cls.__qualname__,
                      repr(sorted(_layer_signature(self.layers[0]).items())), str(dtype), device.type, self.kernels,
-                     repr(variant)):
+                     base_attention(self.model), repr(variant)):
             h.update(part.encode())
         for mod in (sys.modules[layer_cls.__module__], sys.modules[__name__], sys.modules[current_plan.__module__]):
             h.update(Path(mod.__file__).read_bytes())
@@ -281,7 +293,8 @@ class CompiledSteps:
 
     def prepare(self, make_kv, widths=(1, 2), qs=(1, 2)) -> float:
         """Compile every variant (rows 1 / several, q 1 / several) on probe caches from ``make_kv(slots)``
-        (``slots`` decode rows of a short context) and check each compiled step against the eager step; returns the seconds it took."""
+        (``slots`` decode rows of a short context) and check each compiled step against the eager step;
+        returns the seconds it took."""
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():

@@ -55,6 +55,7 @@ class BenchConfig:
     dtype: str = "float32"
     device: str = "cpu"
     kernels: str = "auto"  # linear kernels for every method, transformers generate included: auto | native | onednn
+    compile: str = "off"  # the engine's compiled decode/verify steps (conflayers/compiled.py): off | on
     stop_threshold: float = 0.8
     max_draft: int = 8
     prompt_lookup_num_tokens: int = 10
@@ -70,6 +71,9 @@ def load_config(argv: list[str]) -> BenchConfig:
         base = OmegaConf.merge(base, OmegaConf.load(args[i + 1]))
         del args[i : i + 2]
     cfg = OmegaConf.to_object(OmegaConf.merge(base, OmegaConf.from_dotlist(args)))
+    cfg.compile = {"True": "on", "False": "off"}.get(str(cfg.compile), cfg.compile)  # YAML's bare on / off
+    if cfg.compile not in ("off", "on"):
+        raise SystemExit(f"compile: must be off or on, got {cfg.compile!r}")
     unknown = set(cfg.methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
@@ -147,7 +151,10 @@ class Runner:
     def __init__(self, cfg: BenchConfig):
         self.cfg = cfg
         self.model, self.tok = load_model(cfg.model, cfg.dtype, cfg.device)
-        self.engine = Engine(self.model, cfg.kernels)  # the model is shared: generate runs on the same kernels
+        # the model is shared: generate runs on the same kernels (and eagerly: compiled steps are the engine's)
+        self.engine = Engine(self.model, cfg.kernels, compile=cfg.compile)
+        if cfg.compile == "on" and self.engine.compiled is None:
+            raise SystemExit(f"compile: on, but compiled steps cannot run here: {self.engine.compile_error}")
         self.eos = set(self.engine.model.generation_config.eos_token_id if isinstance(
             self.engine.model.generation_config.eos_token_id, list) else [self.engine.model.generation_config.eos_token_id])
         # one searcher (or controller) per (method, batch size): it learns over the whole run, as a

@@ -176,6 +176,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     check(cfg.model.device in DEVICES, "model.device", f"must be one of {DEVICES}, got {cfg.model.device!r}")
     check(bool(cfg.model.source), "model.source", "must not be empty")
     check(cfg.model.kernels in KERNELS, "model.kernels", f"must be one of {KERNELS}, got {cfg.model.kernels!r}")
+    # YAML (files and key=value overrides alike) reads a bare on / off as a boolean
+    cfg.engine.compile = {"True": "on", "False": "off"}.get(str(cfg.engine.compile), cfg.engine.compile)
     check(cfg.engine.compile in COMPILE, "engine.compile", f"must be one of {COMPILE}, got {cfg.engine.compile!r}")
     check(cfg.input.format in FORMATS, "input.format", f"must be one of {FORMATS}, got {cfg.input.format!r}")
     check(cfg.input.file_format in FILE_FORMATS, "input.file_format",

@@ -114,6 +114,23 @@ def test_the_attention_is_untouched_outside_compiled_steps(compiled):
         torch.testing.assert_close(model(input_ids=ids).logits, fresh(input_ids=ids).logits, rtol=0, atol=1e-12)
 
 
+def test_generate_on_the_same_model_is_unchanged_by_the_switch():
+    """transformers' generate on a padded batch makes its own masks: under slot_attention they are the
+    masks of the attention the model ran before (without them a padded row attends to padding)."""
+    from conflayers.compiled import use_slot_attention
+
+    model = tiny_model("llama", layers=2, std=0.2)
+    ids = torch.tensor([[0, 0, 0, 5, 6, 7], [1, 2, 3, 4, 5, 6]])
+    mask = (torch.arange(6)[None, :] >= torch.tensor([[3], [0]])).long()
+
+    def run():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+
+    want = run()
+    use_slot_attention(model)
+    assert torch.equal(run(), want)
+
+
 def test_a_failed_compile_leaves_the_engine_eager_and_says_why(tmp_path):
     """No C++ compiler (inductor's CPU backend needs one): the engine decodes eagerly, with one warning
     naming the cause, and its tokens are the eager ones."""
@@ -214,6 +231,21 @@ def test_layers_that_differ_are_not_compiled_as_one():
 def test_a_bad_compile_setting_is_refused():
     with pytest.raises(ValueError, match="compile must be one of"):
         Engine(tiny_model("llama", layers=2), compile="bogus")
+
+
+def test_the_compile_switch_reads_on_and_off_from_yaml_and_the_command_line(tmp_path):
+    """YAML reads a bare on / off as a boolean: the job configs and the benchmark still mean the switch."""
+    from jobs.benchmark import load_config as bench_config
+    from jobs.generate import load_config
+
+    assert load_config(None, ["engine.compile=on"]).engine.compile == "on"
+    assert load_config(None, ["engine.compile=off"]).engine.compile == "off"
+    yaml = tmp_path / "job.yaml"
+    yaml.write_text("engine:\n  compile: on\n")
+    assert load_config(str(yaml), []).engine.compile == "on"
+    with pytest.raises(ValueError, match="engine.compile: must be one of"):
+        load_config(None, ["engine.compile=sometimes"])
+    assert bench_config(["compile=on"]).compile == "on" and bench_config([]).compile == "off"
 
 
 def test_compiled_steps_need_a_prefilled_cache_for_their_storage():
