@@ -40,8 +40,10 @@ bypasses layers, a different program), through the same ``KVState`` storage.
 
 ``prepare()`` compiles all four variants at once (bounded, logged), checks the compiled step against
 the eager one on a probe, and falls back to eager with one warning naming the cause if anything fails
-(no C++ compiler, an op inductor cannot lower, a mismatch). A step that fails mid-run (an input the
-unguarded code cannot take) is rerun eagerly, and so is every later one, with one warning. Inductor's caches live under
+(no C++ compiler, an op inductor cannot lower, a mismatch). Without guards, the compiled code checks
+its inputs' sizes and strides (inductor's asserts) and nothing else: a step whose inputs it cannot
+take raises, and is rerun eagerly, as is every later one, with one warning; what sizes do not show
+(dtype, hooks added later, the training flag) is assumed unchanged after ``prepare``. Inductor's caches live under
 ``$CONFLAYERS_CACHE/inductor`` (``TORCHINDUCTOR_CACHE_DIR``), so a second start on the machine
 reuses the compiled kernels.
 """
@@ -112,8 +114,8 @@ def slot_attention_mask(*args, config=None, **kwargs):
     """The masks the model makes for itself under ``slot_attention`` (``generate`` on the same model, a
     padded batch): the ones its attention made before the switch. Compiled steps pass their own."""
     base = getattr(config, "_conflayers_base_attention", None)
-    if base not in ALL_MASK_ATTENTION_FUNCTIONS:  # an attention with no mask maker takes the mask as given
-        return kwargs.get("attention_mask")
+    if base not in ALL_MASK_ATTENTION_FUNCTIONS:  # what transformers gives an attention with no mask maker
+        return None
     return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, config=config, **kwargs)
 
 
@@ -250,12 +252,14 @@ class CompiledSteps:
             kv.pending = pending
             return kv.forward(tokens)  # what it wrote is rewritten at the same columns
 
-    def _compile_variant(self, kv, tokens: torch.Tensor) -> None:
+    def _compile_variant(self, kv, tokens: torch.Tensor, reuse: bool = True) -> tuple[str, bool]:
         """Compile the layer for ``tokens``' variant: run the step eagerly once to see the arguments the
         model passes its layers, then compile ``forward`` for them ahead of time. Each variant's guards
         are not checked per call (``disable_guard_check``): which variant runs is chosen here, by the
         rows and tokens, and the layers are checked to share everything else (``_layer_signature``);
-        dynamo's per-call guard check would cost more than the fused kernels save."""
+        dynamo's per-call guard check would cost more than the fused kernels save. With ``reuse``, a
+        variant saved by an earlier process is read back instead. Returns (where it is saved, whether it
+        was read back)."""
         self._capture = {}
         try:
             self._run(kv, tokens)
@@ -265,26 +269,37 @@ class CompiledSteps:
         args, kwargs = captured
         variant = _variant(*tokens.shape)
         path = self._artifact(variant, args[1].dtype, args[1].device)
-        compiled = _load(path, type(self.layers[0]).forward)
+        compiled = _load(path, type(self.layers[0]).forward) if reuse else None
         if compiled is None:
             fn = torch.compile(type(self.layers[0]).forward, dynamic=True, fullgraph=True)
             with torch._dynamo.config.patch(specialize_float=True), _shape_config.patch(use_duck_shape=False):
                 compiled = fn.aot_compile((args, kwargs))
-            _save(compiled, path, type(self.layers[0]).forward)
         compiled.disable_guard_check()
         self._variants[variant] = compiled
+        return path, getattr(compiled, "loaded", False)
 
     def _artifact(self, variant: tuple[bool, bool], dtype: torch.dtype, device: torch.device) -> str:
         """Where a variant's compiled layer is kept between processes: named by everything it was
-        compiled from (torch and transformers versions, the layer's code and attributes, dtype, device,
-        kernel plan, the attention under ``slot_attention`` (its mask's kind), variant, and this
-        project's code that is traced into it)."""
+        compiled from (torch and transformers versions, the layer's code, attributes, submodule classes
+        and parameter shapes, the model's config, dtype, device, the CPU's vector instructions, kernel
+        plan, the attention under ``slot_attention`` (its mask's kind), variant, and this project's code
+        that is traced into it)."""
         import transformers
 
-        layer_cls = type(self.layers[0])
+        layer = self.layers[0]
+        layer_cls = type(layer)
+        modules = [(name, type(m).__qualname__) for name, m in layer.named_modules()]
+        params = [(name, tuple(p.shape), str(p.dtype)) for name, p in layer.named_parameters()]
+        biases = [name for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear) and m.bias is None]
+        isa = ""
+        if device.type == "cpu":
+            from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+            isa = str(pick_vec_isa())
         h = hashlib.sha256()
         for part in (torch.__version__, transformers.__version__, layer_cls.__module__, layer_cls.__qualname__,
-                     repr(sorted(_layer_signature(self.layers[0]).items())), str(dtype), device.type, self.kernels,
+                     repr(sorted(_layer_signature(layer).items())), repr(modules), repr(params), repr(biases),
+                     _config_text(self.model.config), str(dtype), str(device), isa, self.kernels,
                      base_attention(self.model), repr(variant)):
             h.update(part.encode())
         for mod in (sys.modules[layer_cls.__module__], sys.modules[__name__], sys.modules[current_plan.__module__]):
@@ -305,22 +320,20 @@ class CompiledSteps:
                         kv = make_kv(w + 2)
                         kv.n = w
                         tokens = torch.arange(1, 1 + w * q, device=kv.device).reshape(w, q) % 7 + 1
-                        self._compile_variant(kv, tokens)
-                        got = self._run(kv, tokens)
-                        got_kv = _written(kv, w, q)
-                        kv.rollback()
-                        want = kv.forward(tokens)
-                        want_kv = _written(kv, w, q)
-                        kv.rollback()
-                        # a check that the compiled step computes the same thing (a fused kernel sums in
-                        # another order: not bit for bit), relative to the values' scale
-                        tol = 1e-3 if kv.dtype in (torch.float32, torch.float64) else 5e-2
-                        for what, a, b in (("logits", got, want), ("cached keys", got_kv, want_kv)):
-                            err = (a.double() - b.double()).abs().max().item()
-                            scale = 1.0 + b.double().abs().max().item()
-                            if not err <= tol * scale:
-                                raise CompileError(f"the compiled step's {what} differ from the eager step's by "
-                                                   f"{err:.3g} (rows {w}, q {q})")
+                        path, loaded = self._compile_variant(kv, tokens)
+                        try:
+                            self._check(kv, tokens)
+                        except Exception as e:
+                            if not loaded:
+                                raise
+                            # a saved variant that does not hold here (another CPU's code, say): compile anew
+                            log.info("saved compiled layer %s failed its check (%s): compiling it again", path, e)
+                            _remove(path)
+                            self._compile_variant(kv, tokens, reuse=False)
+                            self._check(kv, tokens)
+                            loaded = False
+                        if not loaded:  # saved only once checked
+                            _save(self._variants[_variant(w, q)], path, type(self.layers[0]).forward)
         except CompileError:
             raise
         except Exception as e:  # inductor's and dynamo's failures are of many kinds: each means "stay eager"
@@ -328,6 +341,24 @@ class CompiledSteps:
             raise CompileError(f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]) from e
         self.compile_seconds = time.perf_counter() - t0
         return self.compile_seconds
+
+    def _check(self, kv, tokens: torch.Tensor) -> None:
+        """The compiled step computes what the eager one does (a fused kernel sums in another order: not
+        bit for bit), relative to the values' scale; ``CompileError`` if not."""
+        w, q = tokens.shape
+        got = self._run(kv, tokens)
+        got_kv = _written(kv, w, q)
+        kv.rollback()
+        want = kv.forward(tokens)
+        want_kv = _written(kv, w, q)
+        kv.rollback()
+        tol = 1e-3 if kv.dtype in (torch.float32, torch.float64) else 5e-2
+        for what, a, b in (("logits", got, want), ("cached keys", got_kv, want_kv)):
+            err = (a.double() - b.double()).abs().max().item()
+            scale = 1.0 + b.double().abs().max().item()
+            if not err <= tol * scale:
+                raise CompileError(f"the compiled step's {what} differ from the eager step's by {err:.3g} "
+                                   f"(rows {w}, q {q})")
 
 
 def _functions(fn) -> dict:
@@ -363,11 +394,27 @@ def _load(path: str, forward):
                 pass
 
         with open(path, "rb") as f:
-            return Unguarded.deserialize(f.read(), f_globals=forward.__globals__,
+            loaded = Unguarded.deserialize(f.read(), f_globals=forward.__globals__,
                                                    external_closure_data=_functions(forward))
+        loaded.loaded = True
+        return loaded
     except Exception as e:  # another torch's format, a truncated file: compile anew (and overwrite it)
         log.info("compiled layer %s not reused (%s: %s)", path, type(e).__name__, str(e)[:200])
         return None
+
+
+def _config_text(config) -> str:
+    try:
+        return config.to_json_string(use_diff=False)
+    except Exception:  # an attribute JSON cannot hold
+        return repr(sorted((k, repr(v)) for k, v in vars(config).items()))
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _save(compiled, path: str, forward) -> None:

@@ -182,6 +182,7 @@ class Engine:
         self.kernels = kernels  # the plan asked for
         self.compiled: CompiledSteps | None = None
         self._compiled_by_plan: dict[str, CompiledSteps] = {}  # compiled once per kernel plan, kept across switches
+        self.compiled_now_seconds: float | None = None  # what the last use_compiled spent compiling (None: reused)
         self.compile_error: str | None = None  # why compiled steps are off, after a failed compile
         self.model = model.eval()
         self.n_layers = num_layers(model)  # also rejects unsupported architectures
@@ -207,8 +208,10 @@ class Engine:
             return True
         if self.steps != "dynamic":
             why = "compiled steps run on dynamic-shape steps (captured static steps wait for a GPU run)"
-        elif self.kernel_plan.name in self._compiled_by_plan:  # compiled before on this plan: its code still holds
+        elif (self._compiled_by_plan.get(self.kernel_plan.name) is not None
+              and not self._compiled_by_plan[self.kernel_plan.name].failed):  # compiled before on this plan
             self.compiled = self._compiled_by_plan[self.kernel_plan.name]
+            self.compiled_now_seconds = None
             return True
         else:
             try:
@@ -218,6 +221,7 @@ class Engine:
                 why = str(e)
             else:
                 self.compiled = self._compiled_by_plan[compiled.kernels] = compiled
+                self.compiled_now_seconds = seconds
                 log.info("compiled steps (rows 1 / several, q 1 / several; %s linears) in %.1f s",
                          compiled.kernels, seconds)
                 return True

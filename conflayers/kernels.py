@@ -121,7 +121,7 @@ def _packed_linear_fake(x, weight, bias, out_features):
     return x.new_empty((*x.shape[:-1], out_features))
 
 
-def _onednn_forward(module: torch.nn.Linear, packed: torch.Tensor, bias: torch.Tensor | None):
+def _onednn_forward(module: torch.nn.Linear, packed: torch.Tensor):
     """The packed layer's forward: the oneDNN kernel called directly, or, while ``torch.compile`` traces
     it, the same kernel as ``conflayers::packed_linear`` on the layer's weight parameter."""
     op = torch.ops.mkldnn._linear_pointwise
@@ -129,7 +129,8 @@ def _onednn_forward(module: torch.nn.Linear, packed: torch.Tensor, bias: torch.T
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return torch.ops.conflayers.packed_linear(x, self.weight, self.bias, self.out_features)
-        return op(x, packed, bias, "none", [], "")
+        bias = self.bias
+        return op(x, packed, None if bias is None else bias.detach(), "none", [], "")
 
     return types.MethodType(forward, module)
 
@@ -164,8 +165,7 @@ def apply_kernels(model, kernels: str = "auto") -> KernelPlan:
                 continue
             weight = module.weight
             packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
-            bias = None if module.bias is None else module.bias.detach()
-            module.forward = _onednn_forward(module, packed, bias)
+            module.forward = _onednn_forward(module, packed)
             module.__dict__[_PACKED] = (packed, tuple(weight.shape), id(weight) in shared)
             setattr(weight, _WEIGHT_PACKED, packed)
             if id(weight) in shared:

@@ -119,7 +119,7 @@ def choose_compile(engine, width: int, expected_tokens: int | None = None, conte
         engine.use_eager(min(eager_ms, key=eager_ms.get))  # compiled steps on the faster plan
         if engine.use_compiled():
             table["compiled_ms"] = measure_step_seconds(engine, width, context) * 1e3
-            table["compile_seconds"] = engine.compiled.compile_seconds
+            table["compile_seconds"] = engine.compiled_now_seconds or engine.compiled.compile_seconds
         else:
             table["error"] = engine.compile_error
         _write_cache(path, key, table)
@@ -127,8 +127,9 @@ def choose_compile(engine, width: int, expected_tokens: int | None = None, conte
     if on and (engine.compiled is None or engine.kernel_plan.name != plan):
         engine.use_eager(plan)
         if engine.use_compiled():  # from the cache: this compile's seconds (warm, most likely) price the next
-            table["compile_seconds"] = engine.compiled.compile_seconds
-            _write_cache(path, key, table)
+            if engine.compiled_now_seconds is not None:  # none if this process had compiled them already
+                table["compile_seconds"] = engine.compiled_now_seconds
+                _write_cache(path, key, table)
         else:
             on, reason = False, f"compile failed: {engine.compile_error}"
     if not on:
