@@ -208,10 +208,8 @@ class Engine:
             return True
         if self.steps != "dynamic":
             why = "compiled steps run on dynamic-shape steps (captured static steps wait for a GPU run)"
-        elif (self._compiled_by_plan.get(self.kernel_plan.name) is not None
-              and not self._compiled_by_plan[self.kernel_plan.name].failed):  # compiled before on this plan
-            self.compiled = self._compiled_by_plan[self.kernel_plan.name]
-            self.compiled_now_seconds = None
+        elif (kept := self._compiled_by_plan.get(self.kernel_plan.name)) is not None and not kept.failed:
+            self.compiled, self.compiled_now_seconds = kept, None  # compiled before on this plan: reused
             return True
         else:
             try:
